@@ -1,0 +1,146 @@
+"""Quantizer configuration, per-layer quantizer state, and the arguments a quantized forward pass takes.
+
+Vocabulary
+----------
+* **Candidates.** A :class:`QuantConfig` names K activation bit widths ``act_bits`` (e.g. ``(6, 8, 10)``)
+  that every quantized layer can choose among, plus one extra candidate, index ``K``, that is full
+  precision (float weights *and* activations, bit-exact). Weights use ``weight_bits`` for every
+  quantized candidate, as in QLIP (weights stay at 4 bits, only activation precision adapts).
+  An activation width of 32 means "float activations, quantized weights" (e.g. BK-SDM's W4A32).
+* **Quantizer state.** A pytree ``{layer_name: {...}}`` kept apart from the model params, so that
+  calibration can learn it while params stay frozen. Per conv/linear layer:
+  ``w_scale [O]`` (symmetric, per output channel), ``a_scale [K]`` and ``a_zero [K]`` (asymmetric,
+  per tensor, one pair per candidate). Per attention matmul (QK^T or AV): ``a_scale, a_zero`` for the
+  left operand and ``b_scale, b_zero`` for the right one, each ``[K]``.
+  A layer whose name carries optional extra arrays (e.g. split-concat quantizers of a later issue)
+  keeps them in the same dict.
+* **Bit index.** ``idx[name]`` is an int array ``[B]``: which candidate each sample of the batch uses
+  at this layer. A schedule ``[B, T, L]`` (prompt, step, layer in registry order) is sliced per step
+  to ``[B, L]`` and turned into that dict by :meth:`QuantArgs.from_indices`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlip_jax.quant.fake_quant import FLOAT_BITS
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Static description of the candidate precisions (hashable, safe as a static jit argument).
+
+    Attributes:
+      act_bits: activation bit width of each quantized candidate; candidate ``K = len(act_bits)`` is
+        full precision. A value of 32 keeps activations in float for that candidate.
+      weight_bits: weight bit width shared by all quantized candidates (per output channel, symmetric).
+      quantize_attn_matmul: also quantize both operands of the attention matmuls QK^T and AV.
+    """
+
+    act_bits: tuple[int, ...] = (6, 8, 10)
+    weight_bits: int = 4
+    quantize_attn_matmul: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "act_bits", tuple(int(b) for b in self.act_bits))
+        if not self.act_bits:
+            raise ValueError("QuantConfig.act_bits must name at least one candidate bit width")
+        for b in (*self.act_bits, self.weight_bits):
+            if not 2 <= int(b) <= FLOAT_BITS:
+                raise ValueError(f"bit width {b} outside the supported range [2, {FLOAT_BITS}]")
+
+    @property
+    def num_quantized(self) -> int:
+        """K: number of quantized candidates."""
+        return len(self.act_bits)
+
+    @property
+    def fp_index(self) -> int:
+        """Index of the full-precision candidate (== K)."""
+        return len(self.act_bits)
+
+    @property
+    def num_candidates(self) -> int:
+        """K + 1 (the quantized candidates and full precision)."""
+        return len(self.act_bits) + 1
+
+    def act_bits_table(self) -> np.ndarray:
+        """``[K + 1]`` activation bits per candidate index; full precision counts as 32."""
+        return np.asarray([*self.act_bits, FLOAT_BITS], np.float32)
+
+    def weight_bits_table(self) -> np.ndarray:
+        """``[K + 1]`` weight bits per candidate index; full precision counts as 32."""
+        return np.asarray([self.weight_bits] * self.num_quantized + [FLOAT_BITS], np.float32)
+
+    def index_of(self, act_bits: int | str) -> int:
+        """Candidate index of an activation width, or of ``"fp"``. Raises if it is not a candidate."""
+        if act_bits == "fp":
+            return self.fp_index
+        if act_bits not in self.act_bits:
+            raise ValueError(f"activation bit width {act_bits} is not a candidate; candidates are "
+                             f"{self.act_bits} and 'fp'")
+        return self.act_bits.index(act_bits)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+@flax.struct.dataclass
+class QuantArgs:
+    """What a quantized forward pass receives (a pytree; ``config`` is static).
+
+    Attributes:
+      state: ``{layer_name: {array_name: array}}`` quantizer state (see module docstring).
+      idx: ``{layer_name: int32 [B]}`` candidate index per sample, ``0 <= idx <= K``.
+      config: the static :class:`QuantConfig`.
+    """
+
+    state: dict[str, dict[str, jax.Array]]
+    idx: dict[str, jax.Array]
+    config: QuantConfig = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
+                     config: QuantConfig) -> "QuantArgs":
+        """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order)."""
+        if indices.ndim != 2 or indices.shape[1] != len(layer_names):
+            raise ValueError(f"bit indices must have shape [B, L={len(layer_names)}], got {indices.shape}")
+        check_indices(indices, config)
+        indices = jnp.asarray(indices).astype(jnp.int32)
+        return cls(state=state, idx={n: indices[:, l] for l, n in enumerate(layer_names)},
+                   config=config)
+
+    def layer(self, name: str) -> tuple[dict[str, jax.Array], jax.Array]:
+        """State dict and ``[B]`` index of one layer, with a clear error if either is missing."""
+        if name not in self.state:
+            raise KeyError(f"quantizer state has no entry for layer '{name}'")
+        if name not in self.idx:
+            raise KeyError(f"bit indices have no entry for layer '{name}'")
+        return self.state[name], self.idx[name]
+
+
+def check_indices(indices: Any, config: QuantConfig) -> None:
+    """Raise a clear error if concrete indices fall outside ``[0, K]`` (no-op for traced arrays)."""
+    if isinstance(indices, jax.core.Tracer):
+        return
+    arr = np.asarray(indices)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"bit indices must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > config.fp_index):
+        bad = arr[(arr < 0) | (arr > config.fp_index)].ravel()[:5].tolist()
+        raise ValueError(
+            f"bit index out of the candidate set: found {bad}; valid indices are 0..{config.fp_index} "
+            f"(activation bits {config.act_bits} and {config.fp_index} = full precision)")

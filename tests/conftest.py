@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random diffusers/transformers models saved the way users' folders are."""
+
+from __future__ import annotations
+
+import os
+
+# Tests run on the CPU, deterministic and in float32.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+
+def perturb_(module, scale: float = 0.05, seed: int = 0) -> None:
+    """Add noise to every parameter, so zero biases / unit norms do not hide conversion bugs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24, attention_head_dim=4,
+    norm_num_groups=8,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory):
+    """A tiny SD-v1-layout UNet (conv proj_in/out, cross-attention) saved with save_pretrained."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET).eval()
+    perturb_(unet)
+    path = tmp_path_factory.mktemp("unet")
+    unet.save_pretrained(path)
+    return str(path)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def rms_rel_err(a, b) -> float:
+    """Relative RMS error ``||a - b|| / ||b||`` (quantization noise vs signal)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
