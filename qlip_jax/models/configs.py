@@ -172,3 +172,102 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         return {"_class_name": "UNet2DConditionModel", **config_to_dict(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoencoderKL
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """diffusers ``AutoencoderKL`` config."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: Any = None
+    latents_std: Any = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "vae config") -> "VAEConfig":
+        supported = {
+            "act_fn": lambda v: v == "silu",
+            "down_block_types": lambda v: all(b == "DownEncoderBlock2D" for b in v),
+            "up_block_types": lambda v: all(b == "UpDecoderBlock2D" for b in v),
+            "latents_mean": lambda v: v is None, "latents_std": lambda v: v is None,
+        }
+        cfg = config_from_dict(cls, d, supported=supported, source=source)
+        if not len(cfg.down_block_types) == len(cfg.up_block_types) == len(cfg.block_out_channels):
+            raise ConfigError(f"{source}: down_block_types, up_block_types and block_out_channels "
+                              "must have the same length")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {"_class_name": "AutoencoderKL", **config_to_dict(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIPTextModel
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """transformers ``CLIPTextConfig`` (the text tower SD conditions on)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    #: keys transformers writes that describe heads/outputs we do not have
+    _IGNORED = frozenset({
+        "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+        "id2label", "label2id", "problem_type", "output_attentions", "tie_word_embeddings",
+        "use_return_dict", "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id",
+        "decoder_start_token_id", "task_specific_params", "finetuning_task", "torchscript",
+        "pruned_heads", "tie_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+        "bad_words_ids", "num_beams", "max_length", "min_length", "do_sample", "temperature",
+        "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size", "num_return_sequences", "output_scores",
+        "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+        "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+        "begin_suppress_tokens", "diversity_penalty", "num_beam_groups", "early_stopping",
+        "chunk_size_feed_forward", "use_bfloat16", "_attn_implementation_autoset", "attn_implementation",
+    })
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "text encoder config") -> "CLIPTextConfig":
+        d = dict(d)
+        if "text_config" in d:  # a full CLIPModel config: take its text tower
+            d = d["text_config"]
+        supported = {"hidden_act": lambda v: v in ("quick_gelu", "gelu")}
+        return config_from_dict(cls, d, supported=supported, ignore=cls._IGNORED, source=source)
+
+    def to_dict(self) -> dict:
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                **config_to_dict(self)}

@@ -155,11 +155,12 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], abstract_params: Mapping, *
     return out
 
 
-def flax_to_torch(params: Mapping, *, prefix: str = "") -> dict[str, np.ndarray]:
-    """Inverse of :func:`torch_to_flax`: ``{torch_key: contiguous float32 array}``."""
+def flax_to_torch(params: Mapping, *, prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
+    """Inverse of :func:`torch_to_flax`: ``{torch_key: contiguous array}`` stored as ``dtype``
+    (float16 halves a shipped checkpoint; loading converts back to float32)."""
     out = {}
     for path, value in _flat_leaves(params).items():
-        value = np.asarray(jax.device_get(value), np.float32)
+        value = np.asarray(jax.device_get(value), np.float32).astype(dtype)
         if path[-1] == "kernel" and value.ndim == 4:
             value = value.transpose(3, 2, 0, 1)
         elif path[-1] == "kernel" and value.ndim == 2:

@@ -19,6 +19,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qlip_jax.models.blocks import (Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D,
                                     norm_fp32)
@@ -208,8 +209,9 @@ def load_unet(folder: str, variant: str | None = None) -> tuple[UNetConfig, dict
     return config, io.torch_to_flax(tensors, abstract_unet_params(config), source=folder)
 
 
-def save_unet(folder: str, config: UNetConfig, params: dict) -> None:
-    """Write a diffusers-loadable ``unet/`` folder."""
+def save_unet(folder: str, config: UNetConfig, params: dict, dtype=np.float32) -> None:
+    """Write a diffusers-loadable ``unet/`` folder (tensors stored as ``dtype``)."""
     os.makedirs(folder, exist_ok=True)
     io.write_json(f"{folder}/config.json", config.to_dict())
-    io.write_safetensors(io.flax_to_torch(params), f"{folder}/diffusion_pytorch_model.safetensors")
+    io.write_safetensors(io.flax_to_torch(params, dtype=dtype),
+                         f"{folder}/diffusion_pytorch_model.safetensors")

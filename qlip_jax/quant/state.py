@@ -144,3 +144,16 @@ def check_indices(indices: Any, config: QuantConfig) -> None:
         raise ValueError(
             f"bit index out of the candidate set: found {bad}; valid indices are 0..{config.fp_index} "
             f"(activation bits {config.act_bits} and {config.fp_index} = full precision)")
+
+
+@dataclasses.dataclass
+class QuantSetup:
+    """A calibrated quantizer for one UNet: static config and registry, and the state pytree.
+
+    ``registry`` is a :class:`~qlip_jax.quant.registry.Registry` (its layer order defines the
+    schedule's ``L`` axis).
+    """
+
+    config: QuantConfig
+    registry: Any
+    state: dict

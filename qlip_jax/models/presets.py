@@ -1,0 +1,74 @@
+"""Model configs as data: the miniature Stable Diffusion trained and shipped by this project.
+
+Each preset is the set of config.json dicts (diffusers/transformers field names) of the four parts,
+so it builds through exactly the same code path as a real SD v1 folder.
+
+``mini-sd`` (64x64 RGB images, 8x8x4 latents): the SD v1 architecture scaled down. VAE with four
+levels (factor 8) like SD's; UNet with cross-attention down/up blocks, an attention mid block and a
+plain block at the lowest resolution, like SD's (three levels instead of four); a 4-layer CLIP text
+transformer over the real CLIP BPE vocabulary (77 tokens).
+
+``tiny`` is for tests: the same structure at the smallest widths that still exercise every code path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+_SCHEDULER = {  # Stable Diffusion v1's scheduler_config.json (PNDM/PLMS, scaled-linear betas)
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "set_alpha_to_one": False,
+    "steps_offset": 1, "skip_prk_steps": True, "clip_sample": False, "timestep_spacing": "leading",
+}
+
+PRESETS = {
+    "mini-sd": {
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 16,
+            "scaling_factor": 1.0,  # replaced by 1 / std of the training latents after VAE training
+        },
+        "unet": {
+            "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [96, 192, 192],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 128, "attention_head_dim": 4, "norm_num_groups": 16,
+        },
+        "text_encoder": {
+            "vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "projection_dim": 128, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+        },
+        "scheduler": _SCHEDULER,
+    },
+    "tiny": {
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
+            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+            "scaling_factor": 1.0,
+        },
+        "unet": {
+            "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [16, 32],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8,
+        },
+        "text_encoder": {
+            "vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "projection_dim": 16, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+        },
+        "scheduler": _SCHEDULER,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    """A deep copy of a preset's config dicts: ``{'vae', 'unet', 'text_encoder', 'scheduler'}``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; available: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

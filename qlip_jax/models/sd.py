@@ -1,0 +1,89 @@
+"""A Stable Diffusion model folder (diffusers layout) as configs + param trees + tokenizer.
+
+Reads and writes the folder a user has for SD v1.x (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) with safetensors in PyTorch names and layouts; no
+torch, no hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from qlip_jax.models import io
+from qlip_jax.models.clip import load_text_encoder, save_text_encoder
+from qlip_jax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+from qlip_jax.models.unet import load_unet, save_unet
+from qlip_jax.models.vae import load_vae, save_vae
+from qlip_jax.sampling.schedulers import SchedulerConfig
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SDConfigs:
+    """Static configs of the four parts (hashable)."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    scheduler: SchedulerConfig
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """``params`` is ``{'unet': tree, 'vae': tree, 'text_encoder': tree}`` (float32 arrays)."""
+
+    configs: SDConfigs
+    params: dict
+    tokenizer: object
+    folder: str | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiffusion:
+    """Load a diffusers-format SD folder. Errors name the missing part or offending file."""
+    from qlip_jax.data.tokenizer import load_tokenizer
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    index = io.read_json(os.path.join(folder, "model_index.json"))
+    missing = [c for c in COMPONENTS if c not in index or not os.path.isdir(os.path.join(folder, c))]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks component(s) {missing} (model_index.json + one "
+                                "sub-folder each are required)")
+    unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant)
+    vae_cfg, vae = load_vae(os.path.join(folder, "vae"))
+    text_cfg, text = load_text_encoder(os.path.join(folder, "text_encoder"))
+    sched_cfg = SchedulerConfig.from_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
+    info_path = os.path.join(folder, "qlip_training.json")
+    info = io.read_json(info_path) if os.path.isfile(info_path) else {}
+    return StableDiffusion(SDConfigs(unet_cfg, vae_cfg, text_cfg, sched_cfg),
+                           {"unet": unet, "vae": vae, "text_encoder": text}, tokenizer, folder, info)
+
+
+def save_stable_diffusion(folder: str, sd: StableDiffusion, tokenizer_dir: str,
+                          scheduler_class: str = "PNDMScheduler") -> None:
+    """Write a folder that both :func:`load_stable_diffusion` and diffusers'
+    ``StableDiffusionPipeline.from_pretrained`` (with ``safety_checker=None``) load."""
+    os.makedirs(folder, exist_ok=True)
+    save_unet(os.path.join(folder, "unet"), sd.configs.unet, sd.params["unet"])
+    save_vae(os.path.join(folder, "vae"), sd.configs.vae, sd.params["vae"])
+    save_text_encoder(os.path.join(folder, "text_encoder"), sd.configs.text, sd.params["text_encoder"])
+    tok_out = os.path.join(folder, "tokenizer")
+    if os.path.abspath(tokenizer_dir) != os.path.abspath(tok_out):
+        shutil.copytree(tokenizer_dir, tok_out, dirs_exist_ok=True)
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    io.write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                  {"_class_name": scheduler_class, **sd.configs.scheduler.to_dict()})
+    io.write_json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_class], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    })
+    if sd.info:
+        io.write_json(os.path.join(folder, "qlip_training.json"), sd.info)
