@@ -52,3 +52,38 @@ def rms_rel_err(a, b) -> float:
     """Relative RMS error ``||a - b|| / ||b||`` (quantization noise vs signal)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """CLIP's tokenizer, converted from the open_clip wheel's BPE file."""
+    from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe
+
+    return convert_clip_bpe(find_clip_bpe(), str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory, tokenizer_dir):
+    """A randomly initialised tiny SD (preset 'tiny') saved as a diffusers folder."""
+    import jax
+
+    from qlip_jax.models.presets import preset
+    from qlip_jax.models.sd import StableDiffusion, configs_from_dicts, init_params, save_stable_diffusion
+
+    configs = configs_from_dicts(preset("tiny"))
+    params = init_params(configs, jax.random.key(0))
+    # perturb so biases and norms are not at their trivial initial values
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    leaves = [np.asarray(x) + 0.02 * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
+    sd = StableDiffusion(configs, jax.tree.unflatten(tree, leaves), None)
+    path = str(tmp_path_factory.mktemp("tiny_sd"))
+    save_stable_diffusion(path, sd, tokenizer_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir):
+    from qlip_jax.models.sd import load_stable_diffusion
+
+    return load_stable_diffusion(tiny_sd_dir)

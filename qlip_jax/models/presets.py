@@ -26,7 +26,7 @@ PRESETS = {
         "vae": {
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
             "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 16,
+            "block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
             "scaling_factor": 1.0,  # replaced by 1 / std of the training latents after VAE training
         },
         "unet": {

@@ -11,6 +11,10 @@ import dataclasses
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from qlip_jax.models import io
 from qlip_jax.models.clip import load_text_encoder, save_text_encoder
 from qlip_jax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
@@ -65,13 +69,16 @@ def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiff
 
 
 def save_stable_diffusion(folder: str, sd: StableDiffusion, tokenizer_dir: str,
-                          scheduler_class: str = "PNDMScheduler") -> None:
+                          scheduler_class: str = "PNDMScheduler", dtype=np.float32) -> None:
     """Write a folder that both :func:`load_stable_diffusion` and diffusers'
-    ``StableDiffusionPipeline.from_pretrained`` (with ``safety_checker=None``) load."""
+    ``StableDiffusionPipeline.from_pretrained`` (with ``safety_checker=None``) load.
+
+    ``dtype=np.float16`` halves the files (loading converts back to float32)."""
     os.makedirs(folder, exist_ok=True)
-    save_unet(os.path.join(folder, "unet"), sd.configs.unet, sd.params["unet"])
-    save_vae(os.path.join(folder, "vae"), sd.configs.vae, sd.params["vae"])
-    save_text_encoder(os.path.join(folder, "text_encoder"), sd.configs.text, sd.params["text_encoder"])
+    save_unet(os.path.join(folder, "unet"), sd.configs.unet, sd.params["unet"], dtype)
+    save_vae(os.path.join(folder, "vae"), sd.configs.vae, sd.params["vae"], dtype)
+    save_text_encoder(os.path.join(folder, "text_encoder"), sd.configs.text, sd.params["text_encoder"],
+                      dtype)
     tok_out = os.path.join(folder, "tokenizer")
     if os.path.abspath(tokenizer_dir) != os.path.abspath(tok_out):
         shutil.copytree(tokenizer_dir, tok_out, dirs_exist_ok=True)
@@ -87,3 +94,26 @@ def save_stable_diffusion(folder: str, sd: StableDiffusion, tokenizer_dir: str,
     })
     if sd.info:
         io.write_json(os.path.join(folder, "qlip_training.json"), sd.info)
+
+
+def configs_from_dicts(d: dict) -> SDConfigs:
+    """``{'unet', 'vae', 'text_encoder', 'scheduler'}`` config.json dicts -> :class:`SDConfigs`."""
+    return SDConfigs(UNetConfig.from_dict(d["unet"]), VAEConfig.from_dict(d["vae"]),
+                     CLIPTextConfig.from_dict(d["text_encoder"]), SchedulerConfig.from_dict(d["scheduler"]))
+
+
+def init_params(configs: SDConfigs, key: jax.Array) -> dict:
+    """Randomly initialised params of the three networks (Flax default initialisers)."""
+    from qlip_jax.models.clip import CLIPTextModel
+    from qlip_jax.models.unet import UNet2DConditionModel
+    from qlip_jax.models.vae import AutoencoderKL
+
+    k_unet, k_vae, k_text = jax.random.split(key, 3)
+    u, v, t = configs.unet, configs.vae, configs.text
+    f = 2 ** (len(v.block_out_channels) - 1)
+    unet = UNet2DConditionModel(u).init(
+        k_unet, jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)), jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, t.max_position_embeddings, t.hidden_size)))["params"]
+    vae = AutoencoderKL(v).init(k_vae, jnp.zeros((1, f, f, v.in_channels)))["params"]
+    text = CLIPTextModel(t).init(k_text, jnp.zeros((1, t.max_position_embeddings), jnp.int32))["params"]
+    return {"unet": unet, "vae": vae, "text_encoder": text}

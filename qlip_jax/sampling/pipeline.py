@@ -1,0 +1,220 @@
+"""Text-to-image sampling as one jitted function that consumes a per-prompt precision schedule.
+
+``prompts -> CLIPTokenizer (77 tokens) -> text encoder -> [lax.scan over T steps: UNet on the
+unconditional and conditional halves in one call, classifier-free guidance, scheduler step] ->
+VAE decode -> uint8 images``.
+
+What is traced and what is static
+---------------------------------
+:class:`Text2Image` compiles its sampling function once per batch size. Everything that changes
+between calls is a traced argument: params, quantizer state, text embeddings, the schedule
+``[B, T, L]`` of candidate indices, the guidance scale and the per-prompt seeds. A new prompt,
+schedule, guidance scale or seed never recompiles. Static: model configs, scheduler kind, step
+count, image size, quantizer config.
+
+``T`` is the length of the scheduler's actual timestep array (PNDM in PLMS mode evaluates the model
+once more than the requested step count), and a schedule must have exactly ``T`` steps.
+
+Only the UNet is quantized. The text encoder and the VAE run in float (the QLIP setting: the selector
+reads the float text embedding, and BitOPs count the UNet).
+
+Randomness: prompt ``b`` draws its initial latents (and DDIM's eta noise) from ``seeds[b]`` alone, so
+its image does not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qlip_jax.models.clip import CLIPTextModel
+from qlip_jax.models.sd import StableDiffusion
+from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.vae import AutoencoderKL, unscale_latents
+from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
+from qlip_jax.sampling import schedulers
+
+
+@dataclasses.dataclass
+class TextEmbeddings:
+    """Encoded prompts: ``cond [B, M, D]``, ``pooled [B, D]``, ``uncond [1, M, D]`` (empty prompt)."""
+
+    cond: jax.Array
+    pooled: jax.Array
+    uncond: jax.Array
+    truncated: list[bool]
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """``[-1, 1]`` float images -> uint8 ``[0, 255]``."""
+    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+class Text2Image:
+    """A Stable Diffusion sampler with a fixed scheduler, step count and image size.
+
+    Args:
+      sd: the loaded model (params, configs, tokenizer).
+      scheduler: ``"ddim"``, ``"pndm"`` (PLMS) or ``"dpmsolver++"``.
+      steps: requested inference steps; :attr:`num_steps` is the actual ``T``.
+      height, width: image size (default: UNet ``sample_size`` x VAE factor).
+      quant: quantizer for schedule-driven sampling (None: float only).
+      eta: DDIM eta (0: deterministic DDIM).
+      mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis; the batch is sharded over it.
+    """
+
+    def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
+                 height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
+                 eta: float = 0.0, mesh: Mesh | None = None):
+        self.sd, self.quant, self.mesh = sd, quant, mesh
+        cfg = sd.configs
+        self.sched = schedulers.make_scheduler(scheduler, cfg.scheduler, steps, eta=eta)
+        self.num_steps = int(self.sched.timesteps.shape[0])
+        factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+        height = height or cfg.unet.sample_size * factor
+        width = width or cfg.unet.sample_size * factor
+        if height % (factor * 2 ** (len(cfg.unet.block_out_channels) - 1)) or width % factor:
+            raise ValueError(f"image size {height}x{width} is not compatible with the model's "
+                             f"downsampling factors")
+        self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
+        self.unet = UNet2DConditionModel(cfg.unet)
+        self.vae = AutoencoderKL(cfg.vae)
+        self.text_encoder = CLIPTextModel(cfg.text)
+        self.trace_count = 0  # incremented each time the sampling function is traced (tests)
+        self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+        self._sample = jax.jit(self._sample_impl, static_argnames="keep_trajectory")
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        """Tokenize (pad/truncate to the context length) and encode prompts, in float."""
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        length = self.sd.configs.text.max_position_embeddings
+        tok = self.sd.tokenizer
+        ids = tok(list(prompts) + [""], padding="max_length", max_length=length, truncation=True,
+                  return_tensors="np")["input_ids"]
+        truncated = [len(x) > length for x in tok(list(prompts), truncation=False)["input_ids"]]
+        hidden, pooled = self._encode(self.sd.params["text_encoder"], jnp.asarray(ids))
+        return TextEmbeddings(hidden[:-1], pooled[:-1], hidden[-1:], truncated)
+
+    def uniform_schedule(self, batch: int, act_bits: int | str) -> np.ndarray:
+        """``[B, T, L]`` schedule with every layer and step at one candidate (e.g. 8 or ``"fp"``)."""
+        if self.quant is None:
+            raise ValueError("this sampler has no quantizer; build it with quant=QuantSetup(...)")
+        idx = self.quant.config.index_of(act_bits)
+        return np.full((batch, self.num_steps, len(self.quant.registry)), idx, np.int32)
+
+    def check_schedule(self, schedule, batch: int) -> None:
+        """Raise a clear error if ``schedule`` is not a valid ``[B, T, L]`` candidate-index array."""
+        if self.quant is None:
+            raise ValueError("a precision schedule needs a quantizer (quant=QuantSetup(...))")
+        want = (batch, self.num_steps, len(self.quant.registry))
+        if tuple(np.shape(schedule)) != want:
+            raise ValueError(f"schedule has shape {tuple(np.shape(schedule))}, expected [B, T, L] = "
+                             f"{want} (T is the scheduler's actual number of steps)")
+        check_indices(np.asarray(schedule), self.quant.config)
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
+                 schedule: np.ndarray | None = None) -> np.ndarray:
+        """Sample images ``uint8 [B, H, W, 3]``.
+
+        Args:
+          emb: from :meth:`encode`.
+          seeds: int ``[B]`` (or one int for every prompt), one PRNG seed per prompt.
+          guidance: classifier-free guidance scale (1 disables guidance's effect, not its cost).
+          schedule: int ``[B, T, L]`` candidate indices, or None for the float UNet.
+        """
+        b = emb.cond.shape[0]
+        seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
+        if not math.isfinite(float(guidance)):
+            raise ValueError(f"guidance scale must be finite, got {guidance}")
+        if schedule is not None:
+            self.check_schedule(schedule, b)
+            schedule = jnp.asarray(schedule, jnp.int32)
+        args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
+                schedule]
+        pad = 0
+        if self.mesh is not None:
+            n = self.mesh.shape["data"]
+            pad = -b % n
+            args = [None if a is None else _pad_rows(a, pad) for a in args]
+            shard = NamedSharding(self.mesh, PartitionSpec("data"))
+            args = [None if a is None else jax.device_put(a, shard) for a in args]
+        images, _ = self._sample(self._params(), *args, jnp.float32(guidance))
+        return np.asarray(images)[:b]
+
+    def trajectory(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
+                   schedule: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`__call__`, also returning the UNet's latent input at every step.
+
+        Returns ``(images uint8 [B, H, W, 3], latents [T, B, h, w, c])``; step ``i`` ran the UNet on
+        ``latents[i]`` at ``timesteps[i]`` (calibration data, selector training).
+        """
+        b = emb.cond.shape[0]
+        seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
+        if schedule is not None:
+            self.check_schedule(schedule, b)
+        images, traj = self._sample(self._params(), emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape),
+                                    jnp.asarray(seeds), None if schedule is None else jnp.asarray(schedule),
+                                    jnp.float32(guidance), keep_trajectory=True)
+        return np.asarray(images), np.asarray(traj)
+
+    def generate(self, prompts: list[str], seed: int = 0, guidance: float = 7.5,
+                 schedule: np.ndarray | None = None) -> np.ndarray:
+        """Encode and sample; prompt ``i`` uses seed ``seed + i``."""
+        emb = self.encode(prompts)
+        return self(emb, np.arange(len(prompts)) + seed, guidance, schedule)
+
+    # ------------------------------------------------------------------------------------------
+    def _params(self):
+        p = {"unet": self.sd.params["unet"], "vae": self.sd.params["vae"],
+             "quant": None if self.quant is None else self.quant.state}
+        if self.mesh is not None:
+            p = jax.device_put(p, NamedSharding(self.mesh, PartitionSpec()))
+        return p
+
+    def _sample_impl(self, params, cond, uncond, seeds, schedule, guidance, keep_trajectory=False):
+        """Traced body. ``cond, uncond [B, M, D]``, ``seeds [B]``, ``schedule [B, T, L]`` or None."""
+        self.trace_count += 1
+        sched = self.sched
+        keys = jax.vmap(jax.random.key)(seeds)                       # [B] one stream per prompt
+        draw = jax.vmap(lambda k, purpose, i: jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(k, purpose), i), self.latent_shape), (0, None, None))
+        latents = draw(keys, 0, 0) * sched.init_noise_sigma           # [B, h, w, c]
+        context = jnp.concatenate([uncond, cond], axis=0)            # [2B, M, D]
+        names = None if self.quant is None else self.quant.registry.names
+
+        def body(carry, i):
+            x, state = carry
+            q = None
+            if schedule is not None:
+                idx = schedule[:, i]                                 # [B, L]
+                q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
+                                           self.quant.config)
+            t = sched.timesteps[i]
+            # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
+            eps = self.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context, q)
+            eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+            noise = draw(keys, 1, i)                                  # DDIM eta > 0 only
+            x_next, state = schedulers.step(sched, state, i, eps, x, noise)
+            return (x_next, state), (x if keep_trajectory else None)
+
+        state = schedulers.init_state(sched, latents)
+        (latents, _), traj = jax.lax.scan(body, (latents, state), jnp.arange(self.num_steps))
+        z = unscale_latents(self.sd.configs.vae, latents)
+        images = self.vae.apply({"params": params["vae"]}, z, method=self.vae.decode)
+        return to_uint8(images), traj
+
+
+def _pad_rows(a: jax.Array, pad: int) -> jax.Array:
+    """Repeat the last row ``pad`` times (batch divisible by the mesh)."""
+    if pad == 0:
+        return a
+    return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)

@@ -1,0 +1,89 @@
+"""Losses and jitted train steps for pretraining a (miniature) Stable Diffusion from scratch.
+
+Two stages, as latent diffusion is trained:
+
+1. the VAE alone: L1 + L2 reconstruction plus a small KL term towards N(0, I);
+2. the UNet and the CLIP text encoder jointly on the frozen VAE's (scaled) latents, with the
+   epsilon-prediction objective ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) ||^2``,
+   ``t`` uniform over the training timesteps, and caption dropout (the empty prompt) so
+   classifier-free guidance works at sampling time.
+
+Each step is a pure function ``(state, batch, key) -> (state, metrics)``; the state is a dict of
+pytrees (params, optimizer state, EMA params, step) that the checkpointer saves whole.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qlip_jax.models.clip import CLIPTextModel
+from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.vae import AutoencoderKL
+from qlip_jax.training.checkpoint import ema_update
+
+
+def vae_loss(vae: AutoencoderKL, params, images: jax.Array, key: jax.Array, kl_weight: float):
+    """``images [B, H, W, 3]`` in ``[-1, 1]`` -> (loss, metrics)."""
+    mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    recon = vae.apply({"params": params}, z, method=vae.decode)
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean((recon - images) ** 2)
+    kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+    loss = l1 + l2 + kl_weight * kl
+    return loss, {"loss": loss, "l1": l1, "kl": kl}
+
+
+def make_vae_step(vae: AutoencoderKL, tx: optax.GradientTransformation, kl_weight: float):
+    """Jitted ``(state, images, key) -> (state, metrics)``; state = {params, opt, step}."""
+
+    @jax.jit
+    def step(state, images, key):
+        grads, metrics = jax.grad(lambda p: vae_loss(vae, p, images, key, kl_weight), has_aux=True)(
+            state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+    return step
+
+
+def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array,
+                   ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array):
+    """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int."""
+    k_t, k_n = jax.random.split(key)
+    b = latents.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    noise = jax.random.normal(k_n, latents.shape)
+    a = alphas_cumprod[t][:, None, None, None]
+    noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+    context, _ = text.apply({"params": params["text_encoder"]}, ids)
+    pred = unet.apply({"params": params["unet"]}, noisy, t, context)
+    loss = jnp.mean((pred.astype(jnp.float32) - noise) ** 2)
+    return loss, {"loss": loss}
+
+
+def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
+                        tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float):
+    """Jitted ``(state, latents, ids, key) -> (state, metrics)``; state = {params, opt, ema, step}.
+
+    ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
+    """
+
+    @jax.jit
+    def step(state, latents, ids, key):
+        grads, metrics = jax.grad(
+            lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod), has_aux=True)(
+            state["params"])
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # EMA warm-up (as in diffusers' EMAModel): decay ramps up from 0 over the first steps
+        n = state["step"] + 1
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        return {"params": params, "opt": opt, "ema": ema_update(state["ema"], params, decay),
+                "step": n}, metrics
+
+    return step

@@ -1,0 +1,108 @@
+"""The jitted text-to-image loop: parity with diffusers, one compilation, batch independence,
+sharding, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qlip_jax.models.presets import preset
+from qlip_jax.quant.calibration import calibrate_minmax
+from qlip_jax.quant.state import QuantConfig
+from qlip_jax.sampling.pipeline import Text2Image
+
+PROMPTS = ["a red star", "a large striped blue circle at the top left on a yellow background",
+           "a shape", "two squares"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sd):
+    pipe = Text2Image(tiny_sd, "ddim", steps=6)
+    quant = calibrate_minmax(pipe, QuantConfig(act_bits=(4, 6, 8), weight_bits=8), PROMPTS[:2],
+                             [0, 1], guidance=3.0)
+    return tiny_sd, Text2Image(tiny_sd, "ddim", steps=6, quant=quant)
+
+
+def test_same_seed_same_image_and_fp_schedule_equals_float(setup):
+    sd, pipe = setup
+    emb = pipe.encode(PROMPTS[:2])
+    a = pipe(emb, [3, 4], 3.0)
+    b = pipe(emb, [3, 4], 3.0)
+    assert a.dtype == np.uint8 and a.shape == (2, 32, 32, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, pipe(emb, [5, 4], 3.0))
+    fp = pipe(emb, [3, 4], 3.0, pipe.uniform_schedule(2, "fp"))
+    assert np.abs(fp.astype(int) - a.astype(int)).max() <= 1  # select path == float path
+    low = pipe(emb, [3, 4], 3.0, pipe.uniform_schedule(2, 4))
+    assert np.abs(low.astype(int) - a.astype(int)).mean() > 0.5
+
+
+def test_one_compilation_for_many_schedules_and_prompts(setup):
+    sd, pipe = setup
+    rng = np.random.default_rng(0)
+    k, steps, layers = pipe.quant.config.num_candidates, pipe.num_steps, len(pipe.quant.registry)
+    pipe(pipe.encode(PROMPTS[:2]), [0, 1], 3.0, rng.integers(0, k, (2, steps, layers)))
+    traces = pipe.trace_count
+    for i in range(20):
+        prompts = [f"a {c} {s}" for c, s in zip(rng.choice(["red", "blue", "green"], 2),
+                                                 rng.choice(["star", "circle", "square"], 2))]
+        sched = rng.integers(0, k, (2, steps, layers)).astype(np.int32)
+        pipe(pipe.encode(prompts), rng.integers(0, 1000, 2), float(rng.uniform(1, 8)), sched)
+    assert pipe.trace_count == traces
+
+
+def test_batch_independence(setup):
+    sd, pipe = setup
+    rng = np.random.default_rng(1)
+    k, steps, layers = pipe.quant.config.num_candidates, pipe.num_steps, len(pipe.quant.registry)
+    scheds = rng.integers(0, k, (3, steps, layers)).astype(np.int32)
+    together = pipe(pipe.encode(PROMPTS[:3]), [7, 8, 9], 4.0, scheds)
+    alone = pipe(pipe.encode(PROMPTS[1:2]), [8], 4.0, scheds[1:2])
+    np.testing.assert_allclose(together[1].astype(int), alone[0].astype(int), atol=1)
+
+
+def test_schedule_length_follows_actual_timesteps(tiny_sd):
+    pndm = Text2Image(tiny_sd, "pndm", steps=5)
+    assert pndm.num_steps == len(np.asarray(pndm.sched.timesteps)) == 6  # PLMS repeats one step
+
+
+def test_errors(setup):
+    sd, pipe = setup
+    emb = pipe.encode(PROMPTS[:2])
+    with pytest.raises(ValueError, match=r"expected \[B, T, L\]"):
+        pipe(emb, [0, 1], 3.0, np.zeros((2, pipe.num_steps + 1, len(pipe.quant.registry)), np.int32))
+    with pytest.raises(ValueError, match="out of the candidate set"):
+        pipe(emb, [0, 1], 3.0, np.full((2, pipe.num_steps, len(pipe.quant.registry)), 9, np.int32))
+    with pytest.raises(ValueError, match="non-empty list"):
+        pipe.encode([])
+    with pytest.raises(ValueError, match="finite"):
+        pipe(emb, [0, 1], float("nan"))
+    long = pipe.encode(["red " * 100])
+    assert long.truncated == [True] and emb.truncated == [False, False]
+
+
+def test_sharded_equals_unsharded(tiny_sd_dir):
+    """4 host CPU devices (a fresh process: the device count is fixed at JAX start-up)."""
+    code = f"""
+import numpy as np, jax
+from jax.sharding import Mesh
+from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.sampling.pipeline import Text2Image
+assert jax.device_count() == 4, jax.devices()
+sd = load_stable_diffusion({tiny_sd_dir!r})
+prompts = {PROMPTS!r} + ['a green triangle']
+one = Text2Image(sd, 'ddim', steps=4)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+many = Text2Image(sd, 'ddim', steps=4, mesh=mesh)
+a = one.generate(prompts, seed=3, guidance=3.0)
+b = many.generate(prompts, seed=3, guidance=3.0)
+print(np.abs(a.astype(int) - b.astype(int)).max())
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip().splitlines()[-1]) <= 1

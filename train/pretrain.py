@@ -1,0 +1,185 @@
+"""Train the miniature Stable Diffusion from scratch on procedural captioned scenes, and export it.
+
+    python train/pretrain.py --work runs/pretrain --out qlip_jax/assets/mini-sd
+
+Stage 1 trains the VAE; its latents of the training scenes are then encoded once (posterior means)
+and the scaling factor set to ``1 / std`` of them, as SD's 0.18215 was; stage 2 trains the UNet and
+the CLIP text encoder jointly on those latents with 10 % caption dropout, keeping EMA weights.
+Every stage checkpoints with orbax and resumes where it stopped (``--work`` holds the state);
+the data of step ``s`` is a pure function of ``(seed, s)``, so a resumed run is the same run.
+Sample grids of held-out prompts are written to ``<work>/samples`` every ``--sample-every`` steps.
+The EMA model is exported as a diffusers folder (float16 tensors) with ``qlip_training.json``
+recording how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from qlip_jax.data import scenes
+from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
+from qlip_jax.models.clip import CLIPTextModel
+from qlip_jax.models.presets import preset
+from qlip_jax.models.sd import (SDConfigs, StableDiffusion, configs_from_dicts, init_params,
+                                save_stable_diffusion)
+from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.vae import AutoencoderKL
+from qlip_jax.sampling.grid import save_grid
+from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.training import Checkpointer
+from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
+
+
+def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(1, steps // 10)), max(steps, 2),
+                                              end_value=lr * 0.1)
+
+
+def train_vae(args, configs: SDConfigs, params: dict, work: str) -> dict:
+    vae = AutoencoderKL(configs.vae)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(args.vae_lr, args.vae_steps, 200)))
+    state = {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
+    ckpt = Checkpointer(os.path.join(work, "vae"))
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(state)
+        print(f"[pretrain] VAE: resumed at step {int(state['step'])}", file=sys.stderr)
+    step_fn = make_vae_step(vae, tx, args.kl_weight)
+    key = jax.random.key(args.seed)
+    start = int(state["step"])
+    bar = tqdm(range(start, args.vae_steps), desc="VAE", initial=start, total=args.vae_steps,
+               disable=args.quiet)
+    for s in bar:
+        images, _, _ = scenes.training_batch(args.seed, s, args.vae_batch)
+        x = images.astype(np.float32) / 127.5 - 1.0
+        state, metrics = step_fn(state, x, jax.random.fold_in(key, s))
+        if (s + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", l1=f"{float(metrics['l1']):.4f}")
+        if (s + 1) % args.ckpt_every == 0 or s + 1 == args.vae_steps:
+            ckpt.save(s + 1, state, {"stage": "vae"})
+    return state["params"]
+
+
+def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: str) -> np.ndarray:
+    """Posterior means ``[N, h, w, c]`` of the training scenes (cached in ``work``)."""
+    path = os.path.join(work, f"latents_{args.num_scenes}.npy")
+    if os.path.isfile(path):
+        return np.load(path)
+    vae = AutoencoderKL(configs.vae)
+    enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
+    out = []
+    for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
+                          total=-(-args.num_scenes // 256), disable=args.quiet):
+        out.append(np.asarray(enc(vae_params, images.astype(np.float32) / 127.5 - 1.0)))
+    latents = np.concatenate(out)
+    np.save(path, latents)
+    return latents
+
+
+def tokenize(tokenizer, texts: list[str], length: int) -> np.ndarray:
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="np")["input_ids"].astype(np.int32)
+
+
+def sample_grid(args, configs, params, tokenizer, path: str, prompts: list[str]) -> None:
+    sd = StableDiffusion(configs, params, tokenizer)
+    images = Text2Image(sd, "ddim", 25).generate(prompts, seed=0, guidance=args.guidance)
+    save_grid(path, images, prompts, cols=len(prompts) // 2)
+
+
+def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray, tokenizer, work: str):
+    unet, text = UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text)
+    trainable = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(_schedule(args.lr, args.steps, 500), weight_decay=0.01))
+    state = {"params": trainable, "opt": tx.init(trainable), "ema": trainable, "step": jnp.int32(0)}
+    ckpt = Checkpointer(os.path.join(work, "diffusion"))
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(state)
+        print(f"[pretrain] diffusion: resumed at step {int(state['step'])}", file=sys.stderr)
+    ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
+    step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay)
+    key = jax.random.key(args.seed + 1)
+    length = configs.text.max_position_embeddings
+    eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
+    start = int(state["step"])
+    bar = tqdm(range(start, args.steps), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
+    for s in bar:
+        rng = np.random.default_rng([args.seed, s, 0xD1FF])
+        ids = rng.integers(0, latents.shape[0], args.batch)
+        texts = [c.text for c in scenes.random_captions(ids, rng)]
+        texts = ["" if drop else t for t, drop in zip(texts, rng.random(args.batch) < args.cond_dropout)]
+        x0 = latents[ids] * configs.vae.scaling_factor
+        state, metrics = step_fn(state, x0, tokenize(tokenizer, texts, length), jax.random.fold_in(key, s))
+        if (s + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        if (s + 1) % args.ckpt_every == 0 or s + 1 == args.steps:
+            ckpt.save(s + 1, state, {"stage": "diffusion"})
+        if args.sample_every and ((s + 1) % args.sample_every == 0 or s + 1 == args.steps):
+            sample_grid(args, configs, {**state["ema"], "vae": params["vae"]}, tokenizer,
+                        os.path.join(work, "samples", f"step{s + 1:06d}.png"), eval_prompts)
+    return state["ema"], float(metrics["loss"]) if args.steps > start else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")
+    p.add_argument("--out", required=True, help="exported diffusers folder")
+    p.add_argument("--preset", default="mini-sd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-5)
+    p.add_argument("--num-scenes", type=int, default=20000, help="training scenes encoded for stage 2")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--cond-dropout", type=float, default=0.1)
+    p.add_argument("--guidance", type=float, default=5.0, help="for the sample grids")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    os.makedirs(args.work, exist_ok=True)
+    tok_dir = os.path.join(args.work, "tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+        convert_clip_bpe(find_clip_bpe(), tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    configs = configs_from_dicts(preset(args.preset))
+    params = init_params(configs, jax.random.key(args.seed))
+
+    params["vae"] = train_vae(args, configs, params["vae"], args.work)
+    latents = encode_training_latents(args, configs, params["vae"], args.work)
+    scale = float(1.0 / latents.std())
+    configs = dataclasses.replace(configs, vae=dataclasses.replace(configs.vae, scaling_factor=scale))
+    print(f"[pretrain] latents {latents.shape}, std {latents.std():.4f} -> scaling_factor {scale:.5f}",
+          file=sys.stderr)
+    ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
+
+    info = {"command": "python train/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
+            "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
+            "num_scenes": args.num_scenes, "final_loss": last_loss, "jax_version": jax.__version__,
+            "wall_clock_minutes_this_invocation": round((time.time() - t0) / 60, 1)}
+    sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
+    save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
