@@ -121,7 +121,7 @@ class Text2Image:
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
-                 schedule: np.ndarray | None = None) -> np.ndarray:
+                 schedule: np.ndarray | None = None, latents: np.ndarray | None = None) -> np.ndarray:
         """Sample images ``uint8 [B, H, W, 3]``.
 
         Args:
@@ -129,6 +129,7 @@ class Text2Image:
           seeds: int ``[B]`` (or one int for every prompt), one PRNG seed per prompt.
           guidance: classifier-free guidance scale (1 disables guidance's effect, not its cost).
           schedule: int ``[B, T, L]`` candidate indices, or None for the float UNet.
+          latents: optional initial noise ``[B, h, w, c]`` instead of drawing it from the seeds.
         """
         b = emb.cond.shape[0]
         seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
@@ -137,8 +138,10 @@ class Text2Image:
         if schedule is not None:
             self.check_schedule(schedule, b)
             schedule = jnp.asarray(schedule, jnp.int32)
+        if latents is not None and tuple(np.shape(latents)) != (b, *self.latent_shape):
+            raise ValueError(f"latents must have shape {(b, *self.latent_shape)}, got {np.shape(latents)}")
         args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
-                schedule]
+                schedule, None if latents is None else jnp.asarray(latents, jnp.float32)]
         pad = 0
         if self.mesh is not None:
             n = self.mesh.shape["data"]
@@ -162,7 +165,7 @@ class Text2Image:
             self.check_schedule(schedule, b)
         images, traj = self._sample(self._params(), emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape),
                                     jnp.asarray(seeds), None if schedule is None else jnp.asarray(schedule),
-                                    jnp.float32(guidance), keep_trajectory=True)
+                                    None, jnp.float32(guidance), keep_trajectory=True)
         return np.asarray(images), np.asarray(traj)
 
     def generate(self, prompts: list[str], seed: int = 0, guidance: float = 7.5,
@@ -179,14 +182,17 @@ class Text2Image:
             p = jax.device_put(p, NamedSharding(self.mesh, PartitionSpec()))
         return p
 
-    def _sample_impl(self, params, cond, uncond, seeds, schedule, guidance, keep_trajectory=False):
-        """Traced body. ``cond, uncond [B, M, D]``, ``seeds [B]``, ``schedule [B, T, L]`` or None."""
+    def _sample_impl(self, params, cond, uncond, seeds, schedule, init_latents, guidance,
+                     keep_trajectory=False):
+        """Traced body. ``cond, uncond [B, M, D]``, ``seeds [B]``, ``schedule [B, T, L]`` or None,
+        ``init_latents [B, h, w, c]`` or None (drawn from the seeds)."""
         self.trace_count += 1
         sched = self.sched
         keys = jax.vmap(jax.random.key)(seeds)                       # [B] one stream per prompt
         draw = jax.vmap(lambda k, purpose, i: jax.random.normal(
             jax.random.fold_in(jax.random.fold_in(k, purpose), i), self.latent_shape), (0, None, None))
-        latents = draw(keys, 0, 0) * sched.init_noise_sigma           # [B, h, w, c]
+        latents = draw(keys, 0, 0) if init_latents is None else init_latents  # [B, h, w, c]
+        latents = latents * sched.init_noise_sigma
         context = jnp.concatenate([uncond, cond], axis=0)            # [2B, M, D]
         names = None if self.quant is None else self.quant.registry.names
 
