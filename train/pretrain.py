@@ -113,7 +113,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     length = configs.text.max_position_embeddings
     eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
     start = int(state["step"])
-    bar = tqdm(range(start, args.steps), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
         ids = rng.integers(0, latents.shape[0], args.batch)
@@ -128,7 +129,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         if args.sample_every and ((s + 1) % args.sample_every == 0 or s + 1 == args.steps):
             sample_grid(args, configs, {**state["ema"], "vae": params["vae"]}, tokenizer,
                         os.path.join(work, "samples", f"step{s + 1:06d}.png"), eval_prompts)
-    return state["ema"], float(metrics["loss"]) if args.steps > start else None
+    return state["ema"], float(metrics["loss"]) if end > start else None
 
 
 def main(argv=None) -> int:
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0, help="for the sample grids")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (without exporting) once the diffusion stage reaches this step, as an "
+                        "interruption would; a later run with the same arguments resumes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -169,6 +173,9 @@ def main(argv=None) -> int:
     print(f"[pretrain] latents {latents.shape}, std {latents.std():.4f} -> scaling_factor {scale:.5f}",
           file=sys.stderr)
     ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
+    if args.stop_at is not None and args.stop_at < args.steps:
+        print(f"[pretrain] stopped at step {args.stop_at} of {args.steps}; run again to resume", file=sys.stderr)
+        return 0
 
     info = {"command": "python train/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,

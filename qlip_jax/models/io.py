@@ -87,7 +87,7 @@ def write_json(path: str, obj: Mapping) -> None:
 # Conversion
 
 
-def _flat_leaves(tree: Mapping) -> dict[tuple[str, ...], object]:
+def flat_leaves(tree: Mapping) -> dict[tuple[str, ...], object]:
     flat = {}
 
     def walk(node, path):
@@ -132,7 +132,7 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], abstract_params: Mapping, *
     Raises:
       WeightLoadError naming every missing or unexpected key and the first shape mismatch.
     """
-    flat = _flat_leaves(abstract_params)
+    flat = flat_leaves(abstract_params)
     wanted = {_torch_key(p, prefix): p for p in flat}
     missing = sorted(k for k in wanted if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in wanted and not ignore(k))
@@ -159,7 +159,7 @@ def flax_to_torch(params: Mapping, *, prefix: str = "", dtype=np.float32) -> dic
     """Inverse of :func:`torch_to_flax`: ``{torch_key: contiguous array}`` stored as ``dtype``
     (float16 halves a shipped checkpoint; loading converts back to float32)."""
     out = {}
-    for path, value in _flat_leaves(params).items():
+    for path, value in flat_leaves(params).items():
         value = np.asarray(jax.device_get(value), np.float32).astype(dtype)
         if path[-1] == "kernel" and value.ndim == 4:
             value = value.transpose(3, 2, 0, 1)

@@ -77,7 +77,7 @@ def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
         grads, metrics = jax.grad(
             lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod), has_aux=True)(
             state["params"])
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # EMA warm-up (as in diffusers' EMAModel): decay ramps up from 0 over the first steps
