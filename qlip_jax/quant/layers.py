@@ -34,6 +34,9 @@ from qlip_jax.quant.state import QuantArgs
 
 Dtype = jnp.dtype
 
+#: Activation values kept per layer call by the ``act_samples`` calibration tap.
+ACT_SAMPLES = 2048
+
 
 def _per_row(v: jax.Array, ndim: int) -> jax.Array:
     """``[B] -> [B, 1, ..., 1]`` with ``ndim`` dims in total."""
@@ -94,7 +97,13 @@ class _Quantizable(nn.Module):
         return flax_to_torch_path(self.path)
 
     def _record_range(self, x: jax.Array, key: str = "input") -> None:
+        """Calibration taps (no-ops unless the collection is mutable): the input's ``[min, max]`` in
+        ``act_stats``, and ``ACT_SAMPLES`` of its values, drawn uniformly at fixed positions, in
+        ``act_samples`` (for clipping searches)."""
         self.sow("act_stats", key, jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32))
+        if self.is_mutable_collection("act_samples"):
+            pos = jax.random.randint(jax.random.key(0), (ACT_SAMPLES,), 0, x.size)
+            self.sow("act_samples", key, x.reshape(-1)[pos].astype(jnp.float32))
 
 
 class QDense(_Quantizable):

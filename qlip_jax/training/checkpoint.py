@@ -33,12 +33,14 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
         self.manager.wait_until_finished()
 
-    def restore(self, template, step: int | None = None):
-        """``(state, meta)`` of ``step`` (default: latest) in the structure/dtypes of ``template``."""
+    def restore(self, template=None, step: int | None = None):
+        """``(state, meta)`` of ``step`` (default: latest) in the structure/dtypes of ``template``
+        (or as saved, as NumPy arrays, without one)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
+        abstract = None if template is None else jax.tree.map(
+            lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]

@@ -1,0 +1,61 @@
+"""Saving and loading a calibrated quantizer (:class:`QuantSetup`) with orbax, tagged with its model.
+
+A quantizer state only means something for the weights it was calibrated on. Saving records a
+fingerprint of the UNet (its config and a checksum of every parameter), the quant config, the
+registry (names, kinds, MACs) and free-form metadata (method, calibration data); loading recomputes
+the fingerprint of the model at hand and refuses a mismatch with a message naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+
+from qlip_jax.models.io import flat_leaves
+from qlip_jax.quant.registry import LayerInfo, Registry
+from qlip_jax.quant.state import QuantConfig, QuantSetup
+from qlip_jax.training.checkpoint import Checkpointer
+
+
+def model_fingerprint(unet_config, unet_params: dict) -> str:
+    """Short hex digest of a UNet: its config and the bytes of every parameter, in path order."""
+    h = hashlib.sha256(json.dumps(unet_config.to_dict(), sort_keys=True).encode())
+    for path, value in sorted(flat_leaves(unet_params).items()):
+        h.update("/".join(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(jax.device_get(value), np.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+class QuantStateMismatch(ValueError):
+    """A quantizer state loaded onto a model it was not calibrated for."""
+
+
+def save_quant_setup(directory: str, setup: QuantSetup, fingerprint: str, meta: dict | None = None) -> None:
+    """Write ``setup`` under ``directory`` (an orbax checkpoint, step 0) with its model fingerprint."""
+    info = {"model_fingerprint": fingerprint, "quant_config": setup.config.to_dict(),
+            "registry": [[l.name, l.kind, l.macs, l.out_features] for l in setup.registry.layers],
+            **(meta or {})}
+    Checkpointer(directory, max_to_keep=1).save(0, setup.state, info)
+
+
+def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict]:
+    """Read a quantizer saved by :func:`save_quant_setup`; ``fingerprint`` is the model's at hand.
+
+    Raises :class:`QuantStateMismatch` if it was calibrated for another model.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no quantizer state at {directory}")
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    info = ckpt.restore_meta()
+    if info.get("model_fingerprint") != fingerprint:
+        raise QuantStateMismatch(
+            f"the quantizer state in {directory} was calibrated for model {info.get('model_fingerprint')}, "
+            f"not for this model ({fingerprint}); calibrate it again for this model")
+    config = QuantConfig.from_dict(info["quant_config"])
+    registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
+    state, _ = ckpt.restore()
+    return QuantSetup(config, registry, state), info
