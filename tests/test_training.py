@@ -7,8 +7,8 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
-from qlip_jax.data.scenes import Caption, StatedObject, render, sample_scene
-from qlip_jax.metrics.parser import (ParsedObject, ParsedScene, SceneParserNet, alignment_score, batch_labels,
+from qlip_jax.data.scenes import Caption, SceneObject, StatedObject, render, sample_scene
+from qlip_jax.metrics.parser import (ParsedScene, SceneParserNet, alignment_score, batch_labels,
                                      macro_f1, make_parser_step, parser_loss)
 from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import configs_from_dicts, init_params
@@ -70,8 +70,8 @@ def test_parser_training_lowers_loss():
 
 
 def test_alignment_score_by_hand():
-    red_star = ParsedObject("top left", "star", "red", "large", "striped")
-    blue_circle = ParsedObject("bottom right", "circle", "blue", "small", "solid")
+    red_star = SceneObject(shape="star", color="red", size="large", fill="striped", position="top left")
+    blue_circle = SceneObject(shape="circle", color="blue", size="small", fill="solid", position="bottom right")
     img = ParsedScene((red_star, blue_circle), "yellow")
     exact = Caption("...", 4, (StatedObject("star", "red", "large", "striped", "top left"),
                                StatedObject("circle", "blue", "small", "solid", "bottom right")), "yellow", True)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from qlip_jax.data.scenes import BACKGROUNDS, COLORS, FILLS, POSITIONS, SHAPES, SIZES, Caption, Scene
+from qlip_jax.data.scenes import BACKGROUNDS, COLORS, FILLS, POSITIONS, SHAPES, SIZES, Caption, Scene, SceneObject
 from qlip_jax.models.io import flat_leaves
 
 _SHAPES = ("none",) + SHAPES
@@ -85,17 +85,10 @@ def parser_loss(logits: dict, labels: dict) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ParsedObject:
-    position: str
-    shape: str
-    color: str
-    size: str
-    fill: str
-
-
-@dataclasses.dataclass(frozen=True)
 class ParsedScene:
-    objects: tuple[ParsedObject, ...]
+    """What the parser read: the objects (as the generator's :class:`SceneObject`) and background."""
+
+    objects: tuple[SceneObject, ...]
     background: str
 
 
@@ -104,8 +97,9 @@ def decode(logits: dict) -> list[ParsedScene]:
     arg = {k: np.asarray(jnp.argmax(v, -1)) for k, v in logits.items() if k != "features"}
     scenes = []
     for b in range(arg["background"].shape[0]):
-        objs = tuple(ParsedObject(POSITIONS[c], _SHAPES[arg["shape"][b, c]], _COLORS[arg["color"][b, c]],
-                                  _SIZES[arg["size"][b, c]], FILLS[arg["fill"][b, c]])
+        objs = tuple(SceneObject(shape=_SHAPES[arg["shape"][b, c]], color=_COLORS[arg["color"][b, c]],
+                                 size=_SIZES[arg["size"][b, c]], fill=FILLS[arg["fill"][b, c]],
+                                 position=POSITIONS[c])
                      for c in range(9) if arg["shape"][b, c] > 0)
         scenes.append(ParsedScene(objs, _BGS[arg["background"][b]]))
     return scenes

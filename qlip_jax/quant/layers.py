@@ -106,18 +106,11 @@ class _Quantizable(nn.Module):
             self.sow("act_samples", key, x.reshape(-1)[pos].astype(jnp.float32))
 
 
-class QDense(_Quantizable):
-    """Quantizable ``nn.Dense``: kernel ``[I, O]``, bias ``[O]``; input ``[B, ..., I]``."""
+class _WeightLayer(_Quantizable):
+    """Shared body of :class:`QDense` and :class:`QConv` (fields ``features``, ``use_bias``, ``dtype``)."""
 
-    features: int
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, q: QuantArgs | None = None) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                            jnp.float32)
-        op = lambda a, w: jnp.matmul(a, w)  # noqa: E731
+    def _weight_op(self, op, x: jax.Array, kernel: jax.Array, q: QuantArgs | None) -> jax.Array:
+        """``op(x, kernel) + bias``: float (recording calibration taps) or fake-quantized."""
         if q is None:
             self._record_range(x)
             y = op(x.astype(self.dtype), kernel.astype(self.dtype))
@@ -129,7 +122,21 @@ class QDense(_Quantizable):
         return y
 
 
-class QConv(_Quantizable):
+class QDense(_WeightLayer):
+    """Quantizable ``nn.Dense``: kernel ``[I, O]``, bias ``[O]``; input ``[B, ..., I]``."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, q: QuantArgs | None = None) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                            jnp.float32)
+        return self._weight_op(jnp.matmul, x, kernel, q)
+
+
+class QConv(_WeightLayer):
     """Quantizable 2-D convolution, NHWC: kernel ``[kh, kw, I, O]``, bias ``[O]``; input ``[B, H, W, I]``.
 
     ``padding`` is an int (symmetric) or explicit ``((top, bottom), (left, right))``.
@@ -153,15 +160,7 @@ class QConv(_Quantizable):
             return jax.lax.conv_general_dilated(a, w, self.strides, pad,
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-        if q is None:
-            self._record_range(x)
-            y = op(x.astype(self.dtype), kernel.astype(self.dtype))
-        else:
-            state, idx = q.layer(self.qname)
-            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
-        return y
+        return self._weight_op(op, x, kernel, q)
 
 
 class QMatmul(_Quantizable):
