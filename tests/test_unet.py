@@ -184,3 +184,11 @@ def test_bad_inputs_name_the_problem(tiny_unet_dir, tmp_path):
     os.remove(bad / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         load_unet(str(bad))
+
+
+def test_bfloat16_compute_without_touching_params(quant_setup):
+    cfg, params, model, (x, t, c), stats = quant_setup
+    ref = model.apply({"params": params}, x, t, c)
+    out = UNet2DConditionModel(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, t, c)
+    assert out.dtype == jnp.bfloat16 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    assert rms_rel_err(out.astype(jnp.float32), ref) < 0.05

@@ -66,11 +66,13 @@ class Text2Image:
       quant: quantizer for schedule-driven sampling (None: float only).
       eta: DDIM eta (0: deterministic DDIM).
       mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis; the batch is sharded over it.
+      dtype: compute dtype of the UNet (e.g. ``jnp.bfloat16`` on TPU); params stay float32, and the
+        scheduler arithmetic, text encoder and VAE run in float32.
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
-                 eta: float = 0.0, mesh: Mesh | None = None):
+                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         cfg = sd.configs
         self.sched = schedulers.make_scheduler(scheduler, cfg.scheduler, steps, eta=eta)
@@ -82,7 +84,7 @@ class Text2Image:
             raise ValueError(f"image size {height}x{width} is not compatible with the model's "
                              f"downsampling factors")
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
-        self.unet = UNet2DConditionModel(cfg.unet)
+        self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
         self.trace_count = 0  # incremented each time the sampling function is traced (tests)
