@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -32,15 +33,19 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from a saved parser folder")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="first training batch index (continuing runs see fresh scenes)")
     args = p.parse_args(argv)
 
     net = SceneParserNet(args.width)
-    params = net.init(jax.random.key(args.seed), jnp.zeros((1, 64, 64, 3), jnp.uint8))["params"]
+    params = (SceneParser.load(args.init).params if args.init else
+              net.init(jax.random.key(args.seed), jnp.zeros((1, 64, 64, 3), jnp.uint8))["params"])
     tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps, 0.05))
     opt_state = tx.init(params)
     step = make_parser_step(net, tx)
     for s in (bar := tqdm(range(args.steps), desc="parser")):
-        seeds = PARSER_SEEDS + s * args.batch + np.arange(args.batch)
+        seeds = PARSER_SEEDS + (args.seed_offset + s) * args.batch + np.arange(args.batch)
         scenes = [sample_scene(int(x)) for x in seeds]
         images = np.stack([render(sc) for sc in scenes])
         params, opt_state, loss = step(params, opt_state, images, batch_labels(scenes))
@@ -54,6 +59,9 @@ def main(argv=None) -> int:
     info = {"command": "python train/train_parser.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "data_version": DATA_VERSION, "steps": args.steps, "batch": args.batch,
             "held_out": "scenes of prompt_set('eval')", **figures}
+    if args.init and os.path.isfile(os.path.join(args.init, "training.json")):
+        with open(os.path.join(args.init, "training.json")) as f:
+            info["continued_from"] = json.load(f)
     with open(f"{args.out}/training.json", "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
