@@ -132,6 +132,16 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     return state["ema"], float(metrics["loss"]) if end > start else None
 
 
+def _wall_clock(work: str, seconds: float) -> dict:
+    """Append this invocation's wall time to ``<work>/wall_clock.json``; the per-invocation list and total."""
+    path = os.path.join(work, "wall_clock.json")
+    runs = json.load(open(path)) if os.path.isfile(path) else []
+    runs.append(round(seconds / 60, 1))
+    with open(path, "w") as f:
+        json.dump(runs, f)
+    return {"invocations": runs, "total": round(sum(runs), 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")
@@ -174,6 +184,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
     if args.stop_at is not None and args.stop_at < args.steps:
+        _wall_clock(args.work, time.time() - t0)
         print(f"[pretrain] stopped at step {args.stop_at} of {args.steps}; run again to resume", file=sys.stderr)
         return 0
 
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
             "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
             "num_scenes": args.num_scenes, "final_loss": last_loss, "jax_version": jax.__version__,
-            "wall_clock_minutes_this_invocation": round((time.time() - t0) / 60, 1)}
+            "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
     save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16)
     print(json.dumps(info, indent=2))

@@ -31,7 +31,7 @@ PRESETS = {
         },
         "unet": {
             "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": [96, 192, 192],
+            "block_out_channels": [64, 128, 128],
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "cross_attention_dim": 128, "attention_head_dim": 4, "norm_num_groups": 16,
