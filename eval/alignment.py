@@ -16,11 +16,11 @@ import os
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data.scenes import LEVELS, prompt_set
-from qlip_jax.metrics.parser import SceneParser, alignment_score
+from qlip_jax.metrics.parser import SceneParser
+from qlip_jax.metrics.scoring import alignment, sample_records
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
@@ -43,14 +43,8 @@ def main(argv=None) -> int:
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     records = prompt_set("eval")[:args.n]
-    images = []
-    for i in tqdm(range(0, len(records), args.batch), desc="sampling"):
-        chunk = records[i:i + args.batch]
-        emb = pipe.encode([r.text for r in chunk])
-        images.append(pipe(emb, args.seed + np.arange(i, i + len(chunk)), args.guidance))
-    images = np.concatenate(images)
-    parsed = parser.parse(images)
-    scores = [alignment_score(r.caption, s) for r, s in zip(records, parsed)]
+    images = sample_records(pipe, records, args.guidance, args.seed, args.batch, desc="sampling")
+    scores = alignment(parser, records, images).tolist()
 
     rows = []
     for single in (True, False):
