@@ -38,20 +38,23 @@ class ResnetBlock2D(nn.Module):
     use_temb: bool = True
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
+    split: int = 0  # > 0: x is concat([hidden, skip]) with `split` hidden channels (UNet up blocks)
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None, q: QuantArgs | None = None) -> jax.Array:
         norm = lambda name: nn.GroupNorm(num_groups=self.groups, epsilon=self.eps,  # noqa: E731
                                          dtype=jnp.float32, name=name)
         h = nn.silu(norm_fp32(norm("norm1"), x, self.dtype))
-        h = QConv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h, q)
+        h = QConv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, split=self.split,
+                  name="conv1")(h, q)
         if self.use_temb:
             t = QDense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb), q)
             h = h + t[:, None, None, :]
         h = nn.silu(norm_fp32(norm("norm2"), h, self.dtype))
         h = QConv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h, q)
         if x.shape[-1] != self.out_channels:
-            x = QConv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x, q)
+            x = QConv(self.out_channels, (1, 1), dtype=self.dtype, split=self.split,
+                      name="conv_shortcut")(x, q)
         return ((x + h) / self.output_scale_factor).astype(self.dtype)
 
 

@@ -72,10 +72,11 @@ class _Block(nn.Module):
         cfg = self.cfg
         outputs = []
         for j in range(self.num_layers):
+            split = x.shape[-1] if self.up else 0  # split quantization of [hidden, skip]
             if self.up:
                 x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
             x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype,
-                              name=f"resnets_{j}")(x, temb, q)
+                              split=split, name=f"resnets_{j}")(x, temb, q)
             if self.cross_attn:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.depth,
                                        cfg.norm_num_groups, cfg.use_linear_projection,

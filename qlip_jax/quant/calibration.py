@@ -1,23 +1,46 @@
-"""Timestep-aware calibration data and min-max calibration (the naive PTQ baseline).
+"""Timestep-aware calibration data and the base PTQ methods of a :class:`QuantSetup`.
 
 As in Q-Diffusion, the calibration set is made of the UNet's actual inputs along full-precision
 sampling trajectories: for calibration prompts, the latent ``x_t`` at steps spread over the whole
 trajectory, with both halves of classifier-free guidance (the conditional and the unconditional
 text embedding), so every layer sees the activation ranges it meets at every noise level.
+
+Methods (:func:`calibrate`, every candidate activation width at once, weights at ``weight_bits``):
+
+* ``minmax``: per-tensor activation range = observed [min, max]; weights per output channel max |w|.
+* ``percentile``: activation range = 0.01 / 99.99 percentiles of the observed values.
+* ``mse``: activation range and per-channel weight scale minimising the quantization MSE.
+* ``qdiff``: Q-Diffusion / BRECQ: the ``mse`` state, then AdaRound weight rounding and LSQ activation
+  step sizes learned by output reconstruction on the calibration data
+  (:mod:`qlip_jax.quant.reconstruction`).
+* ``tdq``: TDQ-style step-dependent activation quantizers: ``a_scale, a_zero [S, K]`` with one row
+  per sampler step (``S = pipe.num_steps``), MSE-clipped on the calibration inputs of that step
+  (steps absent from the data copy the nearest calibrated step); weights as ``mse``. The quantized
+  UNet reads the row of ``QuantArgs.step`` (the sampler passes its step index).
+
+Split quantization (Q-Diffusion's shortcut splitting): layers whose input is the up blocks'
+``concat([hidden, skip])`` (their ``split`` field, see :func:`~qlip_jax.quant.registry.concat_splits`)
+get a second activation quantizer for the skip channels (``a_scale_skip, a_zero_skip`` and the
+channel index ``split``) under every method, unless ``split_concat=False``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlip_jax.models.unet import unet_registry
+from qlip_jax.models.unet import UNet2DConditionModel, unet_registry
+from qlip_jax.naming import flax_to_torch_path, modules_by_name
 from qlip_jax.quant.fake_quant import fake_quant, minmax_act_params, minmax_weight_scale
-from qlip_jax.quant.registry import Registry, init_quant_state
+from qlip_jax.quant.registry import Registry, concat_splits, init_quant_state
 from qlip_jax.quant.state import QuantConfig, QuantSetup
+
+#: Calibration methods of :func:`calibrate`.
+METHODS = ("minmax", "percentile", "mse", "qdiff", "tdq")
 
 
 @dataclasses.dataclass
@@ -38,6 +61,11 @@ class CalibrationData:
         for i in range(0, len(self), batch_size):
             yield (self.latents[i:i + batch_size], self.timesteps[i:i + batch_size],
                    self.context[i:i + batch_size])
+
+    def subset(self, rows) -> "CalibrationData":
+        """The samples at ``rows`` (indices or a boolean mask)."""
+        return CalibrationData(*(np.asarray(a)[rows] for a in (self.latents, self.timesteps, self.context,
+                                                                self.step_index, self.is_cond)))
 
 
 def collect_calibration_data(pipe, prompts: list[str], seeds, guidance: float,
@@ -69,29 +97,45 @@ def _merge_ranges(a, b):
     return jax.tree.map(lambda x, y: jnp.stack([jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1])]), a, b)
 
 
+@functools.lru_cache(maxsize=8)
+def _tap(unet, collection: str):
+    """Jitted ``(params, x, t, c) -> collection`` of a float pass (one compilation per input shape)."""
+    @jax.jit
+    def run(params, x, t, c):
+        _, col = unet.apply({"params": params}, x, t, c, mutable=[collection])
+        # each sow'd entry is a 1-tuple holding one array
+        return jax.tree.map(lambda v: v[0], col[collection], is_leaf=lambda v: isinstance(v, tuple))
+
+    return run
+
+
 def activation_ranges(unet, params: dict, data: CalibrationData, batch_size: int = 32) -> dict:
     """Min/max of every quantized layer's input over the calibration data.
 
     Returns the ``act_stats`` tree (one ``[2]`` array per recorded input) that
     :func:`~qlip_jax.quant.registry.init_quant_state` reads.
     """
-    @jax.jit
-    def stats(x, t, c):
-        _, col = unet.apply({"params": params}, x, t, c, mutable=["act_stats"])
-        # each sow'd entry is a 1-tuple holding one [2] (min, max) array
-        return jax.tree.map(lambda v: v[0], col["act_stats"], is_leaf=lambda v: isinstance(v, tuple))
-
+    stats = _tap(unet, "act_stats")
     total = None
     for x, t, c in data.batches(batch_size):
-        s = stats(x, t, c)
+        s = stats(params, x, t, c)
         total = s if total is None else _merge_ranges(total, s)
     return total
 
 
+def model_splits(pipe, context_shape: tuple[int, int]) -> dict[str, int]:
+    """``{layer: split}`` of ``pipe``'s UNet: the layers whose input is a ``[hidden, skip]`` concat."""
+    spec = jax.ShapeDtypeStruct
+    return concat_splits(UNet2DConditionModel(pipe.sd.configs.unet),
+                         spec((1, *pipe.latent_shape), jnp.float32), spec((1,), jnp.int32),
+                         spec((1, *context_shape), jnp.float32))
+
+
 def minmax_state(unet, params: dict, registry: Registry, config: QuantConfig,
-                 data: CalibrationData, batch_size: int = 32) -> dict:
+                 data: CalibrationData, batch_size: int = 32, splits: dict[str, int] | None = None) -> dict:
     """Min-max quantizer state: per-channel weight max, per-tensor activation range on ``data``."""
-    return init_quant_state(params, registry, config, activation_ranges(unet, params, data, batch_size))
+    return init_quant_state(params, registry, config, activation_ranges(unet, params, data, batch_size),
+                            splits)
 
 
 def calibrate_minmax(pipe, config: QuantConfig, prompts: list[str], seeds, guidance: float,
@@ -105,18 +149,13 @@ def calibrate_minmax(pipe, config: QuantConfig, prompts: list[str], seeds, guida
 
 
 def activation_samples(unet, params: dict, data: CalibrationData, batch_size: int = 32) -> dict:
-    """``{layer_name: {input_key: [N] values}}``: activation values of every quantized layer's
-    input(s) over the calibration data (a fixed-size uniform subsample per batch)."""
-    from qlip_jax.naming import flax_to_torch_path
-
-    @jax.jit
-    def tap(x, t, c):
-        _, col = unet.apply({"params": params}, x, t, c, mutable=["act_samples"])
-        return col["act_samples"]
-
+    """``{layer_name: {input_key: [N, n] values}}``: for each of the ``N`` calibration samples, ``n``
+    activation values of every quantized layer's input(s) (a fixed-position uniform subsample per row,
+    see :data:`~qlip_jax.quant.layers.ACT_SAMPLES`); rows follow ``data``'s order."""
+    tap = _tap(unet, "act_samples")
     out: dict = {}
     for x, t, c in data.batches(batch_size):
-        flat = jax.tree_util.tree_flatten_with_path(tap(x, t, c))[0]
+        flat = jax.tree_util.tree_flatten_with_path(tap(params, x, t, c))[0]
         for path, value in flat:
             keys = [p.key for p in path if hasattr(p, "key")]
             name, key = flax_to_torch_path(keys[:-1]), keys[-1]
@@ -124,79 +163,236 @@ def activation_samples(unet, params: dict, data: CalibrationData, batch_size: in
     return {n: {k: np.concatenate(v) for k, v in d.items()} for n, d in out.items()}
 
 
-def _search_range(values: np.ndarray, bits: float, method: str, grid: int = 40) -> tuple[float, float]:
-    """Clipping range ``(lo, hi)`` of one activation tensor for one bit width.
+#: At most this many activation values enter one clipping search (a fixed random subset).
+MAX_SEARCH_SAMPLES = 16384
 
-    ``percentile``: the 0.01 / 99.99 percentiles. ``mse``: the range minimising the mean squared
-    quantization error of the samples, searched over ``lo * a, hi * b`` for a grid of shrink factors.
-    """
-    lo, hi = float(min(values.min(), 0.0)), float(max(values.max(), 0.0))
-    if method == "percentile":
-        return float(min(np.percentile(values, 0.01), 0.0)), float(max(np.percentile(values, 99.99), 0.0))
-    if method != "mse":
-        raise ValueError(f"unknown clipping method '{method}' (minmax, percentile, mse)")
-    shrink = np.linspace(1.0, 0.2, grid)
-    a, b = (g.ravel() for g in np.meshgrid(shrink, shrink))
-    cand_lo, cand_hi = jnp.asarray(lo * a, jnp.float32), jnp.asarray(hi * b, jnp.float32)
-    x, nb = jnp.asarray(values), jnp.float32(bits)
 
-    def err(l, h):
-        s, z = minmax_act_params(l, h, nb)
+#: Shrink factors of the MSE clipping search (``lo * a, hi * b`` over this grid squared).
+_SHRINK = np.linspace(1.0, 0.2, 40)
+
+
+@jax.jit
+def _clip_errors(x: jax.Array, cand_lo: jax.Array, cand_hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """``[K, G]`` mean squared quantization error of samples ``x [N]`` for every bit width ``bits [K]``
+    and candidate range ``(cand_lo, cand_hi) [G]`` (one compilation per sample count)."""
+    def err(lh, nb):
+        s, z = minmax_act_params(lh[0], lh[1], nb)
         return jnp.mean((fake_quant(x, s, z, nb, signed=False) - x) ** 2)
 
-    best = int(jnp.argmin(jax.jit(jax.vmap(err))(cand_lo, cand_hi)))
-    return float(cand_lo[best]), float(cand_hi[best])
+    cands = jnp.stack([cand_lo, cand_hi], axis=-1)
+    return jax.lax.map(lambda nb: jax.lax.map(lambda lh: err(lh, nb), cands, batch_size=64), bits)
+
+
+def _search_ranges(values: np.ndarray, bits, method: str) -> list[tuple[float, float]]:
+    """Clipping range ``(lo, hi)`` of one activation tensor for each bit width in ``bits``.
+
+    ``minmax``: the observed range. ``percentile``: the 0.01 / 99.99 percentiles. ``mse``: the range
+    minimising the mean squared quantization error of the samples, searched over ``lo * a, hi * b``
+    for a grid of shrink factors.
+    """
+    values = np.asarray(values, np.float32).ravel()
+    lo, hi = float(min(values.min(), 0.0)), float(max(values.max(), 0.0))
+    if method == "minmax":
+        return [(lo, hi)] * len(bits)
+    if method == "percentile":
+        r = (float(min(np.percentile(values, 0.01), 0.0)), float(max(np.percentile(values, 99.99), 0.0)))
+        return [r] * len(bits)
+    if method != "mse":
+        raise ValueError(f"unknown clipping method '{method}' (minmax, percentile, mse)")
+    if values.size > MAX_SEARCH_SAMPLES:
+        values = np.random.default_rng(0).choice(values, MAX_SEARCH_SAMPLES, replace=False)
+    a, b = (g.ravel() for g in np.meshgrid(_SHRINK, _SHRINK))
+    cand_lo, cand_hi = (lo * a).astype(np.float32), (hi * b).astype(np.float32)
+    errs = np.asarray(_clip_errors(jnp.asarray(values), jnp.asarray(cand_lo), jnp.asarray(cand_hi),
+                                   jnp.asarray(bits, jnp.float32)))
+    best = np.argmin(errs, axis=1)
+    return [(float(cand_lo[i]), float(cand_hi[i])) for i in best]
+
+
+def _search_range(values: np.ndarray, bits: float, method: str, grid: int = 40) -> tuple[float, float]:
+    """One bit width of :func:`_search_ranges` (kept for callers of the single-width form)."""
+    return _search_ranges(values, [bits], method)[0]
+
+
+@jax.jit
+def _weight_clip_errors(w: jax.Array, base: jax.Array, alphas: jax.Array, bits: jax.Array) -> jax.Array:
+    """``[grid, O]`` weight MSE per output channel for step sizes ``base * alpha``."""
+    return jax.lax.map(lambda a: jnp.mean((fake_quant(w, base * a, 0.0, bits, signed=True) - w) ** 2, axis=0),
+                       alphas)
 
 
 def _mse_weight_scale(kernel: np.ndarray, bits: int, grid: int = 40) -> jax.Array:
-    """Per-output-channel symmetric step size minimising the weight MSE (``[O]``)."""
-    w = jnp.asarray(kernel).reshape(-1, kernel.shape[-1])
-    base = minmax_weight_scale(w, bits)
-    alphas = jnp.linspace(1.0, 0.3, grid)
+    """Per-output-channel symmetric step size minimising the weight MSE (``[O]``).
 
-    def err(a):
-        return jnp.mean((fake_quant(w, base * a, 0.0, jnp.float32(bits), signed=True) - w) ** 2, axis=0)
+    Small kernels are searched in NumPy (no compilation per kernel shape), large ones by a jitted
+    sweep; both evaluate the same quantizer."""
+    w = np.asarray(kernel, np.float32).reshape(-1, kernel.shape[-1])
+    alphas = np.linspace(1.0, 0.3, grid, dtype=np.float32)
+    hi = 2.0 ** (bits - 1) - 1.0
+    base = np.maximum(np.abs(w).max(axis=0), 1e-8).astype(np.float32) / np.float32(hi)
+    if w.size * grid <= 2 ** 24:
+        s = base[None, None, :] * alphas[:, None, None]                            # [grid, 1, O]
+        q = np.clip(np.round(w[None] / s), -hi - 1.0, hi) * s
+        errs = np.mean((q - w[None]) ** 2, axis=1)                                # [grid, O]
+    else:
+        errs = np.asarray(_weight_clip_errors(jnp.asarray(w), jnp.asarray(base), jnp.asarray(alphas),
+                                              jnp.float32(bits)))
+    return jnp.asarray(base * alphas[np.argmin(errs, axis=0)])
 
-    errs = jax.vmap(err)(alphas)                    # [grid, O]
-    return base * alphas[jnp.argmin(errs, axis=0)]
+
+def _act_entries(layer_samples: dict, kind: str, split: int, config: QuantConfig, method: str) -> dict:
+    """Activation quantizer arrays (``[K]`` each) of one layer from its input samples."""
+    def act(key):
+        ranges = _search_ranges(layer_samples[key], config.act_bits, method)
+        s, z = minmax_act_params(jnp.asarray([r[0] for r in ranges], jnp.float32),
+                                 jnp.asarray([r[1] for r in ranges], jnp.float32),
+                                 jnp.asarray(config.act_bits, jnp.float32))
+        return s, z
+
+    if kind == "matmul":
+        (a_s, a_z), (b_s, b_z) = act("a"), act("b")
+        return {"a_scale": a_s, "a_zero": a_z, "b_scale": b_s, "b_zero": b_z}
+    if split:
+        (a_s, a_z), (s_s, s_z) = act("input_main"), act("input_skip")
+        return {"a_scale": a_s, "a_zero": a_z, "a_scale_skip": s_s, "a_zero_skip": s_z,
+                "split": jnp.int32(split)}
+    a_s, a_z = act("input")
+    return {"a_scale": a_s, "a_zero": a_z}
 
 
 def clipped_state(unet, params: dict, registry: Registry, config: QuantConfig, data: CalibrationData,
-                  method: str, batch_size: int = 32) -> dict:
+                  method: str, batch_size: int = 32, splits: dict[str, int] | None = None,
+                  samples: dict | None = None) -> dict:
     """Quantizer state whose ranges come from a clipping search (``percentile`` or ``mse``) per layer
     and per candidate bit width, on the calibration data; weights per output channel (MSE search for
-    ``mse``, max |w| for ``percentile``)."""
-    from qlip_jax.naming import modules_by_name
-
-    samples = activation_samples(unet, params, data, batch_size)
+    ``mse``, max |w| for ``percentile``). Layers in ``splits`` get split-concat quantizers.
+    ``samples``: :func:`activation_samples` of ``data`` if already computed."""
+    if method not in ("percentile", "mse"):
+        raise ValueError(f"unknown clipping method '{method}' (minmax, percentile, mse)")
+    splits = splits or {}
+    if samples is None:
+        samples = activation_samples(unet, params, data, batch_size)
     layers = modules_by_name(params)
     state = {}
     for info in registry.layers:
-        def act(key):
-            ranges = [_search_range(samples[info.name][key], b, method) for b in config.act_bits]
-            s, z = zip(*[minmax_act_params(jnp.float32(lo), jnp.float32(hi), jnp.float32(b))
-                         for (lo, hi), b in zip(ranges, config.act_bits)])
-            return jnp.stack(s), jnp.stack(z)
-
-        if info.kind == "matmul":
-            (a_s, a_z), (b_s, b_z) = act("a"), act("b")
-            state[info.name] = {"a_scale": a_s, "a_zero": a_z, "b_scale": b_s, "b_zero": b_z}
-            continue
-        kernel = np.asarray(layers[info.name]["kernel"])
-        w_scale = (_mse_weight_scale(kernel, config.weight_bits) if method == "mse"
-                   else minmax_weight_scale(jnp.asarray(kernel), config.weight_bits))
-        a_s, a_z = act("input")
-        state[info.name] = {"w_scale": w_scale, "a_scale": a_s, "a_zero": a_z}
+        entry = _act_entries(samples[info.name], info.kind, splits.get(info.name, 0), config, method)
+        if info.kind != "matmul":
+            kernel = np.asarray(layers[info.name]["kernel"])
+            entry["w_scale"] = (_mse_weight_scale(kernel, config.weight_bits) if method == "mse"
+                                else minmax_weight_scale(jnp.asarray(kernel), config.weight_bits))
+        state[info.name] = entry
     return state
 
 
-def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "minmax") -> QuantSetup:
-    """A :class:`QuantSetup` for ``pipe``'s UNet by ``minmax``, ``percentile`` or ``mse`` clipping."""
+# ----------------------------------------------------------------------------------------------
+# TDQ: step-dependent activation quantizers
+
+#: Activation quantizer arrays that become ``[S, K]`` step tables under TDQ.
+ACT_KEYS = ("a_scale", "a_zero", "a_scale_skip", "a_zero_skip", "b_scale", "b_zero")
+
+
+def nearest_rows(calibrated, num_steps: int) -> np.ndarray:
+    """``[S]``: for every sampler step, the calibrated step closest to it (ties: the earlier one)."""
+    calibrated = np.asarray(sorted(set(int(s) for s in calibrated)))
+    if calibrated.size == 0:
+        raise ValueError("no calibrated steps")
+    steps = np.arange(num_steps)
+    return calibrated[np.argmin(np.abs(steps[:, None] - calibrated[None, :]), axis=1)]
+
+
+def tdq_state(unet, params: dict, registry: Registry, config: QuantConfig, data: CalibrationData,
+              num_steps: int, clip: str = "mse", batch_size: int = 32,
+              splits: dict[str, int] | None = None) -> dict:
+    """TDQ-style state: the ``clip`` state (``mse`` or ``percentile``) with every activation quantizer
+    replaced by an ``[S = num_steps, K]`` table, row ``s`` clipped on the inputs of sampler step ``s``
+    (``data.step_index == s``); rows of steps absent from the data copy the nearest calibrated one."""
+    steps = np.asarray(data.step_index)
+    if steps.min() < 0 or steps.max() >= num_steps:
+        raise ValueError(f"calibration data has step indices {steps.min()}..{steps.max()} outside the "
+                         f"sampler's 0..{num_steps - 1}")
+    splits = splits or {}
+    samples = activation_samples(unet, params, data, batch_size)             # [N, n] per input
+    state = clipped_state(unet, params, registry, config, data, clip, batch_size, splits, samples)
+    calibrated = sorted(set(int(s) for s in steps))
+    per_step = {}
+    for s in calibrated:
+        rows = steps == s
+        per_step[s] = {info.name: _act_entries({k: v[rows] for k, v in samples[info.name].items()},
+                                               info.kind, splits.get(info.name, 0), config, clip)
+                       for info in registry.layers}
+    rows = nearest_rows(calibrated, num_steps)
+    for name, entry in state.items():
+        for key in ACT_KEYS:
+            if key in entry:
+                entry[key] = jnp.stack([per_step[int(r)][name][key] for r in rows])   # [S, K]
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "minmax", *,
+              split_concat: bool = True, batch_size: int = 32, **opts) -> QuantSetup:
+    """A :class:`QuantSetup` for ``pipe``'s UNet by one of :data:`METHODS`.
+
+    Args:
+      pipe: a :class:`~qlip_jax.sampling.pipeline.Text2Image` (its UNet, params, latent size and, for
+        ``tdq``, step count ``S = pipe.num_steps``).
+      data: timestep-aware calibration inputs (:func:`collect_calibration_data`).
+      method: ``minmax``, ``percentile``, ``mse``, ``qdiff`` or ``tdq`` (see the module docstring).
+      split_concat: separate activation quantizers for the two halves of the up blocks'
+        ``[hidden, skip]`` concatenations.
+      batch_size: UNet batch of the statistics passes.
+      **opts: ``tdq``: ``clip`` (``"mse"`` or ``"percentile"``). ``qdiff``: ``init`` (the starting
+        state's method, default ``"mse"``; ``"tdq"`` refines a step table; or an already calibrated
+        :class:`QuantSetup` of the same config and model, e.g. an ``mse`` one) and the fields of
+        :class:`~qlip_jax.quant.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
+        ``lr_weight``, ``lr_act``, ``reg_weight``, ``warmup``, ``beta_start``, ``beta_end``,
+        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``).
+    Returns:
+      the setup; ``setup.info`` records the method, options and (``qdiff``) the reconstruction log.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown clipping method '{method}'; methods are {METHODS}")
+    allowed = {"tdq": {"clip"}, "qdiff": None}.get(method, set())
+    if method == "qdiff":
+        from qlip_jax.quant.reconstruction import ReconOptions
+        allowed = {"init", "clip"} | {f.name for f in dataclasses.fields(ReconOptions)}
+    unknown = set(opts) - allowed
+    if unknown:
+        raise TypeError(f"calibrate(method='{method}') got unknown option(s) {sorted(unknown)}; "
+                        f"valid: {sorted(allowed)}")
     registry = unet_registry(pipe.sd.configs.unet, pipe.latent_shape[:2], data.context.shape[1:],
                              config.quantize_attn_matmul)
     unet, params = pipe.unet, pipe.sd.params["unet"]
-    if method == "minmax":
-        state = minmax_state(unet, params, registry, config, data)
+    splits = model_splits(pipe, data.context.shape[1:]) if split_concat else {}
+    info = {"method": method, "split_concat": bool(split_concat), **opts}
+
+    def base(m, **kw):
+        if m == "minmax":
+            return minmax_state(unet, params, registry, config, data, batch_size, splits)
+        if m == "tdq":
+            return tdq_state(unet, params, registry, config, data, pipe.num_steps, kw.get("clip", "mse"),
+                             batch_size, splits)
+        return clipped_state(unet, params, registry, config, data, m, batch_size, splits)
+
+    if method == "qdiff":
+        from qlip_jax.quant.reconstruction import ReconOptions, reconstruct
+
+        opts = dict(opts)
+        init = opts.pop("init", "mse")
+        clip = opts.pop("clip", "mse")
+        if isinstance(init, QuantSetup):
+            if init.config != config or init.registry != registry:
+                raise ValueError("qdiff init setup was calibrated for another quant config or model layout")
+            start = init.state
+            info["init"] = init.info.get("method", "given")
+        elif init in ("minmax", "percentile", "mse", "tdq"):
+            start = base(init, clip=clip)
+        else:
+            raise ValueError(f"qdiff init must be minmax, percentile, mse, tdq or a QuantSetup, got {init!r}")
+        state, log = reconstruct(unet, params, registry, config, start, data, ReconOptions(**opts))
+        info["reconstruction"] = log
     else:
-        state = clipped_state(unet, params, registry, config, data, method)
-    return QuantSetup(config, registry, state)
+        state = base(method, **opts)
+    return QuantSetup(config, registry, state, info)

@@ -98,3 +98,40 @@ def minmax_act_params(xmin: jax.Array, xmax: jax.Array, bits: jax.Array) -> tupl
     _, hi = int_range(bits, signed=False)
     scale = jnp.maximum(xmax - xmin, 1e-8) / hi
     return scale, -xmin / scale
+
+
+# ----------------------------------------------------------------------------------------------
+# AdaRound (Nagel et al., 2020): learned up/down rounding of weights
+
+#: Stretch of AdaRound's rectified sigmoid: ``h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)``.
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def adaround_fake_quant(w: jax.Array, scale: jax.Array, rounding: jax.Array, bits: jax.Array) -> jax.Array:
+    """Symmetric weight quantization with an explicit rounding decision.
+
+    ``scale * clip(floor(w / scale) + rounding, lo, hi)``; ``rounding`` has the shape of ``w``, with
+    values in ``{0, 1}`` (the hard decision: down or up) or in ``[0, 1]`` (AdaRound's soft relaxation,
+    differentiable in ``rounding``). ``rounding = (w / scale - floor(w / scale) >= 0.5)`` is
+    round-to-nearest (up to ties).
+    """
+    lo, hi = int_range(bits, signed=True)
+    base = jax.lax.stop_gradient(jnp.floor(w / scale))
+    return jnp.clip(base + rounding.astype(jnp.float32), lo, hi) * scale
+
+
+def rectified_sigmoid(v: jax.Array) -> jax.Array:
+    """AdaRound's ``h(V)`` in ``[0, 1]`` (exactly 0 or 1 beyond a finite ``|V|``)."""
+    return jnp.clip(jax.nn.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+def adaround_init(w: jax.Array, scale: jax.Array) -> jax.Array:
+    """``V`` with ``h(V) = w / scale - floor(w / scale)``: the soft rounding starts at the float weight."""
+    frac = w / scale - jnp.floor(w / scale)
+    p = (frac - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def adaround_regularizer(v: jax.Array, beta: jax.Array) -> jax.Array:
+    """``sum(1 - |2 h(V) - 1| ** beta)``: zero only when every ``h(V)`` is 0 or 1 (anneal ``beta`` down)."""
+    return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta)

@@ -16,8 +16,14 @@ selects, which is free. Weights have only two variants (quantized or float, the 
 full-precision candidate); when the rows of a batch disagree on that, the layer computes both outputs
 and selects per row (``lax.cond``, so the common uniform case costs one op).
 
+Optional state (base PTQ methods, see :mod:`qlip_jax.quant.state`): an AdaRound rounding decision
+``w_round`` replaces round-to-nearest of the kernel; ``a_scale_skip/a_zero_skip/split`` quantize the
+skip half of a concatenated input with its own parameters; ``[S, K]`` step tables (TDQ) are read at
+``QuantArgs.step``. All of it is data in the state pytree, so one compiled program serves them.
+
 Calibration hook. In the float path each layer ``sow``s the min and max of its input(s) into the
-``act_stats`` collection; this is free unless the caller makes that collection mutable.
+``act_stats`` collection, and value samples into ``act_samples``; this is free unless the caller
+makes the collection mutable.
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from qlip_jax.naming import flax_to_torch_path
-from qlip_jax.quant.fake_quant import fake_quant, fake_quant_or_float
+from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float
 from qlip_jax.quant.state import QuantArgs
 
 Dtype = jnp.dtype
 
-#: Activation values kept per layer call by the ``act_samples`` calibration tap.
-ACT_SAMPLES = 2048
+#: Activation values kept per batch row and layer call by the ``act_samples`` calibration tap.
+ACT_SAMPLES = 256
 
 
 def _per_row(v: jax.Array, ndim: int) -> jax.Array:
@@ -43,36 +49,106 @@ def _per_row(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - 1))
 
 
+def _rows(scale: jax.Array, q: QuantArgs, batch: int) -> jax.Array:
+    """Quantizer parameters ``[K]`` (shared) or ``[S, K]`` (per sampler step) -> per row ``[B, K]``."""
+    if scale.ndim == 2:
+        if q.step is None:
+            raise ValueError(f"this quantizer has per-step activation scales [S={scale.shape[0]}, K] (a TDQ "
+                             "state); the call needs the sampler step index: "
+                             "QuantArgs.from_indices(..., step=i)")
+        row = jnp.clip(q.step, 0, scale.shape[0] - 1)
+        return scale[row]                                                   # [B, K]
+    if scale.ndim != 1:
+        raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {scale.shape}")
+    return jnp.broadcast_to(scale, (batch,) + scale.shape)
+
+
 def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: jax.Array,
-                         q: QuantArgs) -> jax.Array:
-    """Per-tensor asymmetric fake quantization of ``x [B, ...]`` at each row's candidate ``idx [B]``."""
+                         q: QuantArgs, mix: jax.Array | None = None,
+                         skip: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Per-tensor asymmetric fake quantization of ``x [B, ...]`` at each row's candidate ``idx [B]``.
+
+    ``scale``/``zero`` are ``[K]``, or ``[S, K]`` step tables read at the row's ``q.step``. With
+    ``mix [B, K]`` the result is ``sum_k mix[:, k] * Q_k(x)`` (straight-through selector training).
+    ``skip = (scale_skip, zero_skip, split)`` quantizes the channels ``x[..., split:]`` (the skip half of
+    a concatenation) with their own parameters and ``x[..., :split]`` with ``scale``/``zero``.
+    """
     cfg = q.config
-    a_bits = jnp.asarray(cfg.act_bits_table())[idx]
+    b = x.shape[0]
+    scale, zero = _rows(scale, q, b), _rows(zero, q, b)
+    if skip is not None:
+        skip_scale, skip_zero = _rows(skip[0], q, b), _rows(skip[1], q, b)
+        is_main = jnp.arange(x.shape[-1]) < skip[2]                           # [C]
+
+    def expand(main, other=None):
+        """``[B]`` per-row value -> broadcastable to ``x``, per channel half with a split."""
+        if skip is None:
+            return _per_row(main, x.ndim)
+        v = jnp.where(is_main, main[:, None], other[:, None])              # [B, C]
+        return v.reshape((b,) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+    x32 = x.astype(jnp.float32)
+    table = jnp.asarray(cfg.act_bits_table())
+    if mix is not None:
+        out = jnp.zeros_like(x32)
+        for k in range(cfg.num_quantized):
+            sk = expand(scale[:, k], None if skip is None else skip_scale[:, k])
+            zk = expand(zero[:, k], None if skip is None else skip_zero[:, k])
+            qk = fake_quant_or_float(x32, sk, zk, table[k], jnp.zeros((), bool), signed=False)
+            out = out + _per_row(mix[:, k], x.ndim) * qk
+        return out
+    a_bits = table[idx]
     is_fp = idx == cfg.fp_index
     k = jnp.minimum(idx, cfg.num_quantized - 1)  # the fp candidate has no scale of its own
-    x32 = x.astype(jnp.float32)
-    out = fake_quant_or_float(x32, _per_row(scale[k], x.ndim), _per_row(zero[k], x.ndim),
-                              _per_row(a_bits, x.ndim), _per_row(is_fp, x.ndim), signed=False)
-    return out
+    rows = jnp.arange(b)
+    s = expand(scale[rows, k], None if skip is None else skip_scale[rows, k])
+    z = expand(zero[rows, k], None if skip is None else skip_zero[rows, k])
+    return fake_quant_or_float(x32, s, z, _per_row(a_bits, x.ndim), _per_row(is_fp, x.ndim), signed=False)
+
+
+def _skip_quantizer(state: dict) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """The split-concat quantizer of a layer's input, if its state has one."""
+    if "a_scale_skip" not in state:
+        return None
+    if "split" not in state:
+        raise KeyError("quantizer state has 'a_scale_skip' but no 'split' channel index")
+    return state["a_scale_skip"], state["a_zero_skip"], state["split"]
+
+
+def quantize_weight(kernel: jax.Array, state: dict, bits: jax.Array) -> jax.Array:
+    """Fake-quantized kernel: per output channel, symmetric, step ``state['w_scale'] [O]``.
+
+    Round to nearest, or, when the state holds an AdaRound decision ``w_round`` (kernel-shaped, 0/1 or,
+    during reconstruction, soft values in ``[0, 1]``), ``s * clip(floor(W / s) + w_round, lo, hi)``.
+    """
+    if "w_round" in state:
+        return adaround_fake_quant(kernel, state["w_scale"], state["w_round"], bits)
+    return fake_quant(kernel, state["w_scale"], 0.0, bits, signed=True)
 
 
 def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                         kernel: jax.Array, state: dict, idx: jax.Array, q: QuantArgs,
-                        dtype: Dtype) -> jax.Array:
+                        dtype: Dtype, mix: jax.Array | None = None) -> jax.Array:
     """Apply ``op(x, kernel)`` with fake-quantized input and kernel.
 
     Args:
       op: the float op, e.g. a convolution; called with compute-dtype arrays.
       x: ``[B, ...]`` input.
       kernel: float32 kernel whose last axis is the output channel ``O``.
-      state: the layer's quantizer state: ``w_scale [O]``, ``a_scale [K]``, ``a_zero [K]``.
+      state: the layer's quantizer state: ``w_scale [O]``, ``a_scale [K]``, ``a_zero [K]``; optionally
+        ``w_round`` (AdaRound, kernel-shaped), ``a_scale_skip``/``a_zero_skip``/``split`` (split
+        quantization of a concatenated input), and ``[S, K]`` step tables instead of ``[K]`` (TDQ).
       idx: ``[B]`` candidate index per row.
+      mix: optional ``[B, K]`` straight-through candidate weights (see :class:`QuantArgs`).
     """
     cfg = q.config
     if idx.shape != (x.shape[0],):
         raise ValueError(f"bit index must have shape [B={x.shape[0]}], got {idx.shape}")
-    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q).astype(dtype)
-    wq = fake_quant(kernel, state["w_scale"], 0.0, jnp.float32(cfg.weight_bits), signed=True)
+    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix,
+                              _skip_quantizer(state)).astype(dtype)
+    wq = quantize_weight(kernel, state, jnp.float32(cfg.weight_bits))
+    if q.quantized_only:
+        return op(xq, wq.astype(dtype))
     is_fp = idx == cfg.fp_index
     all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
 
@@ -98,25 +174,39 @@ class _Quantizable(nn.Module):
 
     def _record_range(self, x: jax.Array, key: str = "input") -> None:
         """Calibration taps (no-ops unless the collection is mutable): the input's ``[min, max]`` in
-        ``act_stats``, and ``ACT_SAMPLES`` of its values, drawn uniformly at fixed positions, in
-        ``act_samples`` (for clipping searches)."""
+        ``act_stats``, and ``[B, ACT_SAMPLES]`` of its values, ``ACT_SAMPLES`` per batch row drawn
+        uniformly at fixed positions, in ``act_samples`` (for clipping searches; per row so that
+        samples can be grouped by the row's denoising step)."""
         self.sow("act_stats", key, jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32))
         if self.is_mutable_collection("act_samples"):
-            pos = jax.random.randint(jax.random.key(0), (ACT_SAMPLES,), 0, x.size)
-            self.sow("act_samples", key, x.reshape(-1)[pos].astype(jnp.float32))
+            rows = x.reshape(x.shape[0], -1)
+            pos = jax.random.randint(jax.random.key(0), (rows.shape[0], ACT_SAMPLES), 0, rows.shape[1])
+            self.sow("act_samples", key, jnp.take_along_axis(rows, pos, axis=1).astype(jnp.float32))
 
 
 class _WeightLayer(_Quantizable):
-    """Shared body of :class:`QDense` and :class:`QConv` (fields ``features``, ``use_bias``, ``dtype``)."""
+    """Shared body of :class:`QDense` and :class:`QConv` (fields ``features``, ``use_bias``, ``dtype``,
+    ``split``).
+
+    ``split > 0`` declares that the input is ``concat([a, b], axis=-1)`` with ``a`` holding the first
+    ``split`` channels (the UNet up blocks' ``[upsampled, skip]``): the float path then also records
+    the ranges/samples of the two halves (``input_main``, ``input_skip``) so calibration can give
+    them separate activation quantizers (Q-Diffusion's split quantization). Quantized, the layer
+    splits only if its state has ``a_scale_skip`` (and reads the channel index from ``split``).
+    """
 
     def _weight_op(self, op, x: jax.Array, kernel: jax.Array, q: QuantArgs | None) -> jax.Array:
         """``op(x, kernel) + bias``: float (recording calibration taps) or fake-quantized."""
         if q is None:
             self._record_range(x)
+            if self.split:
+                # the two halves of a concatenated input, for split quantization
+                self._record_range(x[..., :self.split], "input_main")
+                self._record_range(x[..., self.split:], "input_skip")
             y = op(x.astype(self.dtype), kernel.astype(self.dtype))
         else:
             state, idx = q.layer(self.qname)
-            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype)
+            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -128,6 +218,7 @@ class QDense(_WeightLayer):
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    split: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, q: QuantArgs | None = None) -> jax.Array:
@@ -148,6 +239,7 @@ class QConv(_WeightLayer):
     padding: int | Sequence[tuple[int, int]] = 0
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    split: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, q: QuantArgs | None = None) -> jax.Array:
@@ -181,6 +273,7 @@ class QMatmul(_Quantizable):
                 self._record_range(b, "b")
             return jnp.einsum(self.spec, a.astype(self.dtype), b.astype(self.dtype))
         state, idx = q.layer(self.qname)
-        aq = _quantize_activation(a, state["a_scale"], state["a_zero"], idx, q).astype(self.dtype)
-        bq = _quantize_activation(b, state["b_scale"], state["b_zero"], idx, q).astype(self.dtype)
+        mix = q.layer_mix(self.qname)
+        aq = _quantize_activation(a, state["a_scale"], state["a_zero"], idx, q, mix).astype(self.dtype)
+        bq = _quantize_activation(b, state["b_scale"], state["b_zero"], idx, q, mix).astype(self.dtype)
         return jnp.einsum(self.spec, aq, bq)

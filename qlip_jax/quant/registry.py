@@ -176,8 +176,37 @@ def uniform_schedule(batch: int, steps: int, registry: Registry, index: int) -> 
 # Min-max quantizer state
 
 
+def concat_splits(module: nn.Module, *example_args, **example_kwargs) -> dict[str, int]:
+    """``{layer_name: split}`` for every quantized layer that declares a concatenated input
+    (``QConv``/``QDense`` with ``split > 0``: the UNet up blocks' ``concat([hidden, skip])``).
+
+    Traced abstractly like :func:`build_registry` (same arguments).
+    """
+    found: dict[str, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (QConv, QDense)) and mod.split:
+            found[mod.qname] = int(mod.split)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **example_kwargs), *example_args)
+    return found
+
+
+def _stat_range(stats: dict | None, key: str) -> tuple[jax.Array, jax.Array]:
+    """``(min, max)`` of one recorded input over every call, or ``[-1, 1]`` without statistics."""
+    if stats is None or key not in stats:
+        return jnp.float32(-1.0), jnp.float32(1.0)
+    s = jnp.stack(stats[key]) if isinstance(stats[key], tuple) else stats[key]
+    s = jnp.asarray(s).reshape(-1, 2)
+    return jnp.min(s[:, 0]), jnp.max(s[:, 1])
+
+
 def init_quant_state(params: dict, registry: Registry, config: QuantConfig,
-                     act_stats: dict | None = None) -> dict[str, dict[str, jax.Array]]:
+                     act_stats: dict | None = None,
+                     splits: dict[str, int] | None = None) -> dict[str, dict[str, jax.Array]]:
     """Min-max quantizer state for every registry layer.
 
     Weights: symmetric per-output-channel scale from max |w| at ``weight_bits``.
@@ -185,25 +214,26 @@ def init_quant_state(params: dict, registry: Registry, config: QuantConfig,
     input (``act_stats`` as collected by an ``apply(..., mutable=['act_stats'])`` of the float
     model), at each candidate's bit width; ``[-1, 1]`` where no statistics are given.
 
+    Split quantization: a layer named in ``splits`` (``{name: channel index}``, see
+    :func:`concat_splits`) gets ``a_scale/a_zero`` from its input's first ``split`` channels
+    (``input_main``), ``a_scale_skip/a_zero_skip [K]`` from the rest (``input_skip``) and
+    ``split`` (int32 scalar).
+
     Args:
       params: the model's ``params`` collection (the tree under ``'params'``).
       act_stats: the ``act_stats`` collection (tree under ``'act_stats'``), optional.
+      splits: layers whose concatenated input gets two activation quantizers (default: none).
     """
     bits = jnp.asarray(config.act_bits, jnp.float32)
     layers = modules_by_name(params)
     stats_by_name = modules_by_name(act_stats) if act_stats is not None else {}
+    splits = splits or {}
     state = {}
     for info in registry.layers:
         stats = stats_by_name.get(info.name)
 
         def act(key):
-            if stats is None:
-                lo, hi = jnp.float32(-1.0), jnp.float32(1.0)
-            else:
-                s = jnp.stack(stats[key]) if isinstance(stats[key], tuple) else stats[key]
-                s = s.reshape(-1, 2)
-                lo, hi = jnp.min(s[:, 0]), jnp.max(s[:, 1])
-            return minmax_act_params(lo, hi, bits)
+            return minmax_act_params(*_stat_range(stats, key), bits)
 
         if info.kind == "matmul":
             (a_s, a_z), (b_s, b_z) = act("a"), act("b")
@@ -212,7 +242,11 @@ def init_quant_state(params: dict, registry: Registry, config: QuantConfig,
             layer = layers.get(info.name)
             if layer is None:
                 raise KeyError(f"params have no layer '{info.name}'")
-            a_s, a_z = act("input")
-            state[info.name] = {"w_scale": minmax_weight_scale(layer["kernel"], config.weight_bits),
-                                "a_scale": a_s, "a_zero": a_z}
+            entry = {"w_scale": minmax_weight_scale(layer["kernel"], config.weight_bits)}
+            if splits.get(info.name):
+                (entry["a_scale"], entry["a_zero"]), (s_s, s_z) = act("input_main"), act("input_skip")
+                entry.update(a_scale_skip=s_s, a_zero_skip=s_z, split=jnp.int32(splits[info.name]))
+            else:
+                entry["a_scale"], entry["a_zero"] = act("input")
+            state[info.name] = entry
     return state

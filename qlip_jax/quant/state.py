@@ -12,8 +12,14 @@ Vocabulary
   ``w_scale [O]`` (symmetric, per output channel), ``a_scale [K]`` and ``a_zero [K]`` (asymmetric,
   per tensor, one pair per candidate). Per attention matmul (QK^T or AV): ``a_scale, a_zero`` for the
   left operand and ``b_scale, b_zero`` for the right one, each ``[K]``.
-  A layer whose name carries optional extra arrays (e.g. split-concat quantizers of a later issue)
-  keeps them in the same dict.
+  Optional extra arrays of a layer live in the same dict:
+
+  - ``w_round`` (kernel-shaped, int8 0/1): AdaRound's learned rounding (``qdiff``); the weight is
+    ``w_scale * clip(floor(W / w_scale) + w_round, qmin, qmax)`` instead of round-to-nearest.
+  - ``a_scale_skip, a_zero_skip [K]`` and ``split`` (int32 scalar): split quantization of an input
+    that is ``concat([hidden, skip])``: channels ``[split:]`` use the ``_skip`` pair.
+  - Step tables (TDQ): any activation pair may be ``[S, K]`` instead of ``[K]``, one row per sampler
+    step; the quantized forward then needs ``QuantArgs.step`` and reads row ``clip(step, 0, S - 1)``.
 * **Bit index.** ``idx[name]`` is an int array ``[B]``: which candidate each sample of the batch uses
   at this layer. A schedule ``[B, T, L]`` (prompt, step, layer in registry order) is sliced per step
   to ``[B, L]`` and turned into that dict by :meth:`QuantArgs.from_indices`.
@@ -106,22 +112,56 @@ class QuantArgs:
       state: ``{layer_name: {array_name: array}}`` quantizer state (see module docstring).
       idx: ``{layer_name: int32 [B]}`` candidate index per sample, ``0 <= idx <= K``.
       config: the static :class:`QuantConfig`.
+      mix: optional ``{layer_name: float [B, K]}`` straight-through weights over the quantized
+        candidates (selector training, :meth:`from_mix`): the activation becomes
+        ``sum_k mix[:, k] * Q_k(x)``; with one-hot forward values this is exactly candidate ``idx``.
+      step: optional int32 ``[B]`` sampler step index of each row (step-dependent quantizers: TDQ
+        ``[S, K]`` tables are read at row ``step``). A scalar is broadcast to every row.
+      quantized_only: static promise that no row uses the full-precision candidate, so weight layers
+        skip the float/quantized weight select (a smaller graph, e.g. for reconstruction training).
     """
 
     state: dict[str, dict[str, jax.Array]]
     idx: dict[str, jax.Array]
     config: QuantConfig = flax.struct.field(pytree_node=False)
+    mix: dict[str, jax.Array] | None = None
+    step: jax.Array | None = None
+    quantized_only: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
-                     config: QuantConfig) -> "QuantArgs":
-        """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order)."""
+                     config: QuantConfig, step: jax.Array | None = None,
+                     quantized_only: bool = False) -> "QuantArgs":
+        """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order).
+
+        ``step``: the sampler step (int scalar or ``[B]``), needed by step-table (TDQ) states.
+        """
         if indices.ndim != 2 or indices.shape[1] != len(layer_names):
             raise ValueError(f"bit indices must have shape [B, L={len(layer_names)}], got {indices.shape}")
         check_indices(indices, config)
+        if quantized_only and not isinstance(indices, jax.core.Tracer) and np.any(
+                np.asarray(indices) == config.fp_index):
+            raise ValueError("quantized_only=True but some bit index is the full-precision candidate")
         indices = jnp.asarray(indices).astype(jnp.int32)
         return cls(state=state, idx={n: indices[:, l] for l, n in enumerate(layer_names)},
-                   config=config)
+                   config=config, step=_rows(step, indices.shape[0]), quantized_only=quantized_only)
+
+    @classmethod
+    def from_mix(cls, state: dict, mix: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
+                 step: jax.Array | None = None) -> "QuantArgs":
+        """Build from weights ``mix [B, L, K]`` over the quantized candidates (no full-precision column:
+        every row uses the quantized weights). The hard index is the argmax."""
+        if mix.ndim != 3 or mix.shape[1:] != (len(layer_names), config.num_quantized):
+            raise ValueError(f"mix weights must have shape [B, L={len(layer_names)}, "
+                             f"K={config.num_quantized}], got {mix.shape}")
+        idx = jnp.argmax(mix, axis=-1).astype(jnp.int32)
+        return cls(state=state, idx={n: idx[:, l] for l, n in enumerate(layer_names)}, config=config,
+                   mix={n: mix[:, l] for l, n in enumerate(layer_names)}, step=_rows(step, mix.shape[0]),
+                   quantized_only=True)
+
+    def layer_mix(self, name: str) -> jax.Array | None:
+        """``[B, K]`` straight-through weights of a layer, or None."""
+        return None if self.mix is None else self.mix[name]
 
     def layer(self, name: str) -> tuple[dict[str, jax.Array], jax.Array]:
         """State dict and ``[B]`` index of one layer, with a clear error if either is missing."""
@@ -130,6 +170,13 @@ class QuantArgs:
         if name not in self.idx:
             raise KeyError(f"bit indices have no entry for layer '{name}'")
         return self.state[name], self.idx[name]
+
+
+def _rows(step, batch: int):
+    """``None``, a scalar or ``[B]`` step index -> ``None`` or int32 ``[B]``."""
+    if step is None:
+        return None
+    return jnp.broadcast_to(jnp.asarray(step, jnp.int32), (batch,))
 
 
 def check_indices(indices: Any, config: QuantConfig) -> None:
@@ -151,9 +198,11 @@ class QuantSetup:
     """A calibrated quantizer for one UNet: static config and registry, and the state pytree.
 
     ``registry`` is a :class:`~qlip_jax.quant.registry.Registry` (its layer order defines the
-    schedule's ``L`` axis).
+    schedule's ``L`` axis). ``info`` is free-form provenance (calibration method, options, logs); it is
+    not part of the quantizer.
     """
 
     config: QuantConfig
     registry: Any
     state: dict
+    info: dict = dataclasses.field(default_factory=dict)

@@ -204,7 +204,7 @@ class Text2Image:
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
-                                           self.quant.config)
+                                           self.quant.config, step=i)
             t = sched.timesteps[i]
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             eps = self.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context, q)

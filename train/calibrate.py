@@ -1,0 +1,87 @@
+"""Calibrate a base PTQ quantizer for every candidate activation width at once, and save it.
+
+    python train/calibrate.py --method mse --out runs/quant/mse            # embedded mini SD
+    python train/calibrate.py --model SD_FOLDER --act-bits 6 8 10 --weight-bits 4 --method qdiff ...
+
+Steps: float sampling of the calibration prompts (held out from evaluation) with the sampler and step
+count the quantizer will serve; the UNet inputs at ``--keep-steps`` steps spread over each trajectory,
+both guidance halves, form the timestep-aware calibration set (Q-Diffusion); the chosen base method
+fits weight scales (``--weight-bits``, per output channel) and activation ranges for each candidate in
+``--act-bits``. The quantizer state is saved with orbax and tagged with the model's fingerprint
+(:mod:`qlip_jax.quant.persist`), so it is refused on any other model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from qlip_jax.assets import default_model_dir
+from qlip_jax.data.scenes import prompt_set
+from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
+from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
+from qlip_jax.quant.state import QuantConfig
+from qlip_jax.sampling.pipeline import Text2Image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    p.add_argument("--method", default="mse", choices=METHODS)
+    p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
+    p.add_argument("--weight-bits", type=int, default=4)
+    p.add_argument("--attn-matmul", action="store_true", help="also quantize QK^T and AV")
+    p.add_argument("--prompts", type=int, default=32, help="calibration prompts (held-out set)")
+    p.add_argument("--prompt-file", default=None, help="one prompt per line instead of the scene prompts")
+    p.add_argument("--keep-steps", type=int, default=10, help="trajectory steps kept per prompt")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpmsolver++"])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--out", required=True, help="directory for the orbax quantizer state")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise SystemExit(f"error: {args.out} is not empty; pass --overwrite to replace it")
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts = [line.strip() for line in f if line.strip()][:args.prompts]
+    else:
+        prompts = [r.text for r in prompt_set("calibration")[:args.prompts]]
+    if not prompts:
+        raise SystemExit("error: no calibration prompts")
+    config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
+                         quantize_attn_matmul=args.attn_matmul)
+    t0 = time.time()
+    sd = load_stable_diffusion(args.model or default_model_dir())
+    pipe = Text2Image(sd, args.scheduler, args.steps)
+    print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
+          file=sys.stderr)
+    data = collect_calibration_data(pipe, prompts, args.seed + np.arange(len(prompts)), args.guidance,
+                                    args.keep_steps)
+    print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
+          f"A{config.act_bits} ...", file=sys.stderr)
+    setup = calibrate(pipe, config, data, args.method)
+    meta = {"method": args.method, "model": sd.folder, "scheduler": args.scheduler, "steps": args.steps,
+            "guidance": args.guidance, "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,
+            "seed": args.seed, "command": "python train/calibrate.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]),
+            "minutes": round((time.time() - t0) / 60, 2)}
+    save_quant_setup(args.out, setup, model_fingerprint(sd.configs.unet, sd.params["unet"]), meta)
+    print(json.dumps(meta, indent=1))
+    print(f"[calibrate] saved {len(setup.registry)} layers to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
