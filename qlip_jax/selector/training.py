@@ -1,0 +1,112 @@
+"""Training the selector: T2Q by regression, then Q2B by output matching with a bit penalty.
+
+T2Q: ``min || T2Q(pooled) - q ||^2`` over the training prompts' normalised quality labels.
+
+Q2B (the paper's objective), with UNet, text encoder, T2Q and the base method's quantizer state frozen:
+
+    L = || eps_FP(x_t, t) - eps_Q(x^_t, t) ||^2 + lambda_bit * (b_high * sum_k p_high + b_med * sum_k p_med)
+
+``x_t`` is the float trajectory's latent at step ``t``; ``x^_t`` the latent of the trajectory sampled
+with the current (hard) schedule from the same seed, so the selector sees the drift its own choices
+cause (``trajectory="fp"`` uses ``x_t`` for both, a cheaper departure). Both noise predictions are the
+guided ones (the sampler's actual update direction). The choice inside the UNet is the
+straight-through one-hot of ``(p_low, p_med, p_high)``: the forward pass runs exactly the argmax
+candidate; the backward pass sees ``x_q = sum_c w_c Q_c(x)`` and so gets ``dL/dw_c = <dL/dx_q, Q_c(x)>``
+(:meth:`QuantArgs.from_mix`).
+
+The bit penalty is averaged instead of summed over the ``T x L`` choices and divided by ``b_high``
+(so ``lambda_bit`` is on the scale of the per-element MSE and does not depend on the model's depth or
+step count: ``lambda_paper = lambda_bit / (T * L * b_high)``); ``macs_weighted`` weights each layer by
+its share of the MACs instead (BitOPs-aware).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qlip_jax.quant.state import QuantArgs
+
+
+def fit_t2q(apply_fn: Callable, params, pooled: np.ndarray, target: np.ndarray, steps: int = 2000,
+            lr: float = 1e-3, batch: int = 64, seed: int = 0, weight_decay: float = 1e-4):
+    """Adam(W) MSE regression of ``apply_fn(params, pooled [B, D]) -> q [B]`` on ``target [N]``.
+
+    Returns ``(params, losses [steps])``; minibatches are drawn with ``seed``.
+    """
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05), weight_decay=weight_decay)
+    opt = tx.init(params)
+    x, y = jnp.asarray(pooled, jnp.float32), jnp.asarray(target, jnp.float32)
+
+    @jax.jit
+    def step(params, opt, idx):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((apply_fn(p, x[idx]) - y[idx]) ** 2))(params)
+        updates, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        params, opt, loss = step(params, opt, rng.integers(0, len(y), min(batch, len(y))))
+        losses.append(float(loss))
+    return params, np.asarray(losses)
+
+
+def choice_to_candidates(w: jax.Array, low: int, med: int, high: int, num_quantized: int) -> jax.Array:
+    """``w [..., 3]`` weights of (low, med, high) -> ``[..., K]`` weights over the quantized candidates."""
+    eye = jnp.eye(num_quantized, dtype=w.dtype)
+    return w[..., 0:1] * eye[low] + w[..., 1:2] * eye[med] + w[..., 2:3] * eye[high]
+
+
+def guided_eps(unet, unet_params, x, t, cond, uncond, guidance, q: QuantArgs | None):
+    """Classifier-free-guided noise prediction; ``x [B, h, w, c]``, ``t [B]``, ``cond/uncond [B, M, D]``."""
+    eps = unet.apply({"params": unet_params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([uncond, cond]), q)
+    e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
+    return e_u + guidance[:, None, None, None] * (e_c - e_u)
+
+
+def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
+                  low: int, med: int, high: int, lambda_bit: float):
+    """``loss(q2b_params, batch) -> (loss, metrics)`` for one batch of rows.
+
+    ``batch``: ``q [B]`` (T2Q's prediction), ``step [B]`` (int step index), ``t [B]`` (its timestep),
+    ``x_fp, x_hat [B, h, w, c]``, ``cond, uncond [B, M, D]``, ``guidance [B]``.
+    ``probs_fn(params, q) -> [B, T, L, 3]``; ``ste_fn(probs) -> [.., 3]`` straight-through one-hot;
+    ``penalty_fn(probs) -> scalar`` the bit penalty.
+    """
+    cfg, names, state = quant.config, quant.registry.names, quant.state
+
+    def loss_fn(params, batch):
+        probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
+        rows = jnp.arange(probs.shape[0])
+        p_t = probs[rows, batch["step"]]                                      # [B, L, 3]
+        mix = choice_to_candidates(ste_fn(p_t), low, med, high, cfg.num_quantized)  # [B, L, K]
+        q = QuantArgs.from_mix(state, jnp.concatenate([mix, mix]), names, cfg,
+                               step=jnp.concatenate([batch["step"], batch["step"]]))
+        eps_fp = guided_eps(unet, unet_params, batch["x_fp"], batch["t"], batch["cond"], batch["uncond"],
+                            batch["guidance"], None)
+        eps_q = guided_eps(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
+                           batch["guidance"], q)
+        mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
+        pen = penalty_fn(probs)
+        loss = mse + lambda_bit * pen
+        return loss, {"loss": loss, "mse": mse, "penalty": pen}
+
+    return loss_fn
+
+
+def make_q2b_step(loss_fn: Callable, tx: optax.GradientTransformation):
+    """Jitted ``(params, opt, batch) -> (params, opt, metrics)``."""
+
+    @jax.jit
+    def step(params, opt, batch):
+        (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, updates), opt, metrics
+
+    return step

@@ -1,0 +1,237 @@
+"""Train the QLIP selector (T2Q + Q2B) on top of a calibrated base quantizer, and export it.
+
+    python train/train_selector.py --quant runs/quant/mse --work runs/selector --out runs/selector/export
+
+1. Labels: float sampling of ``--train-prompts`` training prompts (seed ``i``), keeping each image's
+   trajectory; each image is scored by ``--quality`` (GIQA-KNN over the scene parser's features by
+   default) and the scores are normalised to [0, 1] (:mod:`qlip_jax.selector.quality`). Labels and
+   trajectories are cached in ``--work``.
+2. T2Q: MSE regression of the label from the prompt's pooled text embedding; SROCC/PLCC on
+   ``--heldout`` evaluation prompts (never trained on) are printed and stored.
+3. Q2B, everything else frozen: each iteration takes ``--batch`` training prompts, samples their
+   trajectories under the current hard schedule (``x^_t``), picks ``--rows-per-prompt`` steps of each and
+   minimises the paper's loss (:mod:`qlip_jax.selector.training`). orbax checkpoints every
+   ``--ckpt-every`` iterations; a rerun resumes. With ``--devices N`` (or several accelerators) the rows are
+   sharded over a ``data`` mesh axis and the selector is replicated.
+4. Export to ``--out``: ``selector.json`` (configs, candidate bits, metrics, command), ``t2q.safetensors``,
+   ``q2b.safetensors``, and the quantizer state it was trained on (``quant/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.data.scenes import prompt_set
+from qlip_jax.metrics.parser import SceneParser
+from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+from qlip_jax.quant.registry import average_act_bits
+from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.selector.q2b import Q2B, Q2BConfig, bit_penalty, hard_indices, ste_onehot
+from qlip_jax.selector.quality import QUALITY_KINDS, QualityTargets, make_quality_fn, real_features
+from qlip_jax.selector.selector import Selector
+from qlip_jax.selector.t2q import T2Q, pearson, spearman
+from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step
+from qlip_jax.training import Checkpointer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--quant", required=True, help="quantizer state from train/calibrate.py")
+    p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quality", default="giqa-knn", choices=QUALITY_KINDS)
+    p.add_argument("--real", type=int, default=4000, help="real scenes whose features GIQA compares to")
+    p.add_argument("--train-prompts", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=128)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--pooling", default="eos", choices=["eos", "mean"],
+                   help="text embedding T2Q reads: CLIP's pooled EOS state or the token mean")
+    p.add_argument("--t2q-hidden", type=int, default=128)
+    p.add_argument("--t2q-steps", type=int, default=1500)
+    p.add_argument("--t2q-lr", type=float, default=1e-3)
+    p.add_argument("--bits", type=int, nargs=3, default=None, metavar=("LOW", "MED", "HIGH"),
+                   help="activation widths b_low b_med b_high (default: the quantizer's candidates)")
+    p.add_argument("--group-size", type=int, default=5, help="M: steps sharing p_m, p_h")
+    p.add_argument("--first-fp-steps", type=int, default=2, help="m: first steps with p_q forced to 1")
+    p.add_argument("--ablation", default="full", choices=["full", "pq", "pq_pm", "pq_ph"])
+    p.add_argument("--lambda-bit", type=float, default=0.05)
+    p.add_argument("--macs-weighted", action="store_true")
+    p.add_argument("--trajectory", default="quant", choices=["quant", "fp"])
+    p.add_argument("--q2b-steps", type=int, default=300)
+    p.add_argument("--q2b-lr", type=float, default=5e-2)
+    p.add_argument("--batch", type=int, default=8, help="prompts per Q2B iteration")
+    p.add_argument("--rows-per-prompt", type=int, default=4)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def pooled_embedding(pipe, texts: list[str], pooling: str, batch: int = 128) -> np.ndarray:
+    """``[N, D]`` text embedding T2Q reads (the diffusion model's own text encoder, in float)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        emb = pipe.encode(texts[i:i + batch])
+        out.append(np.asarray(emb.pooled if pooling == "eos" else emb.cond.mean(axis=1)))
+    return np.concatenate(out)
+
+
+def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bounds=None, desc=None,
+                            batch=32):
+    """Float images, trajectories ``[N, T, h, w, c]`` and quality labels of ``records`` (cached)."""
+    if os.path.isfile(path) and os.path.isfile(path + ".traj.npy"):
+        return QualityTargets.load(path), np.load(path + ".traj.npy")
+    images, trajs = [], []
+    for i in tqdm(range(0, len(records), batch), desc=desc, disable=desc is None):
+        chunk = records[i:i + batch]
+        img, traj = pipe.trajectory(pipe.encode([r.text for r in chunk]), np.arange(i, i + len(chunk)), guidance)
+        images.append(img)
+        trajs.append(np.swapaxes(traj, 0, 1))
+    images, trajs = np.concatenate(images), np.concatenate(trajs).astype(np.float32)
+    targets = QualityTargets.from_scores(kind, records, np.arange(len(records)), quality_fn(images, records),
+                                         bounds, {"guidance": guidance, "steps": pipe.num_steps})
+    targets.save(path)
+    np.save(path + ".traj.npy", trajs)
+    return targets, trajs
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    os.makedirs(args.work, exist_ok=True)
+    sd = load_stable_diffusion(args.model or default_model_dir())
+    quant, quant_info = load_quant_setup(args.quant, model_fingerprint(sd.configs.unet, sd.params["unet"]))
+    cfg = quant.config
+    bits = tuple(args.bits) if args.bits else tuple(sorted(cfg.act_bits))[:3]
+    if len(bits) != 3:
+        raise SystemExit(f"error: Q2B needs three candidate widths, the quantizer has {cfg.act_bits}")
+    low, med, high = (cfg.index_of(b) for b in bits)
+    fp_pipe = Text2Image(sd, args.scheduler, args.steps)
+    q_pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
+    T, L = q_pipe.num_steps, len(quant.registry)
+
+    # 1. labels
+    parser = SceneParser.load(args.parser)
+    extract = parser.features
+    real = None if args.quality == "alignment" else real_features(extract, args.real)
+    quality_fn = make_quality_fn(args.quality, extract, real, parser)
+    train_recs = prompt_set("train")[:args.train_prompts]
+    held_recs = prompt_set("eval")[-args.heldout:]
+    tag = f"{args.quality}-{args.scheduler}{args.steps}-g{args.guidance}"
+    train_t, train_traj = label_with_trajectories(
+        fp_pipe, train_recs, args.guidance, quality_fn, args.quality,
+        os.path.join(args.work, f"labels-train{len(train_recs)}-{tag}.npz"), desc="label train")
+    held_t, _ = label_with_trajectories(
+        fp_pipe, held_recs, args.guidance, quality_fn, args.quality,
+        os.path.join(args.work, f"labels-heldout{len(held_recs)}-{tag}.npz"),
+        bounds=(train_t.lo, train_t.hi), desc="label held-out")
+
+    # 2. T2Q
+    x_train = pooled_embedding(fp_pipe, train_t.texts, args.pooling)
+    x_held = pooled_embedding(fp_pipe, held_t.texts, args.pooling)
+    t2q = T2Q(hidden=args.t2q_hidden)
+    t2q_params = t2q.init(jax.random.key(args.seed), jnp.zeros((1, x_train.shape[1])))["params"]
+    t2q_apply = lambda p, x: t2q.apply({"params": p}, x)
+    t2q_params, losses = fit_t2q(t2q_apply, t2q_params, x_train, train_t.normalized, args.t2q_steps,
+                                 args.t2q_lr, seed=args.seed)
+    pred_held = np.asarray(t2q_apply(t2q_params, jnp.asarray(x_held)))
+    t2q_metrics = {"train_mse": float(losses[-50:].mean()),
+                   "heldout_srocc": float(spearman(pred_held, held_t.normalized)),
+                   "heldout_plcc": float(pearson(pred_held, held_t.normalized)),
+                   "heldout_mse": float(np.mean((pred_held - held_t.normalized) ** 2))}
+    print(f"[selector] T2Q ({args.quality}): " + ", ".join(f"{k} {v:.3f}" for k, v in t2q_metrics.items()),
+          file=sys.stderr)
+    q_train = np.asarray(t2q_apply(t2q_params, jnp.asarray(x_train)))
+
+    # 3. Q2B
+    q2b_cfg = Q2BConfig(num_layers=L, num_steps=T, group_size=args.group_size,
+                        first_fp_steps=args.first_fp_steps, low=low, med=med, high=high,
+                        use_pm=args.ablation in ("full", "pq_pm"), use_ph=args.ablation in ("full", "pq_ph"))
+    q2b = Q2B(q2b_cfg)
+    q2b_params = q2b.init(jax.random.key(args.seed + 1), jnp.zeros((1,)), T)["params"]
+    probs_fn = lambda p, q: q2b.apply({"params": p}, q, T)
+    macs = quant.registry.macs().astype(np.float64)
+    weights = jnp.asarray(macs / macs.mean() if args.macs_weighted else np.ones(L), jnp.float32)
+    penalty_fn = lambda probs: bit_penalty(probs, 1.0, bits[1] / bits[2], weights) / (T * L)
+    loss_fn = make_q2b_loss(q_pipe.unet, sd.params["unet"], quant, probs_fn, ste_onehot, penalty_fn,
+                            low, med, high, args.lambda_bit)
+    tx = optax.adam(args.q2b_lr)
+    state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
+    ckpt = Checkpointer(os.path.join(args.work, f"q2b-{args.ablation}-lam{args.lambda_bit}"))
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(state)
+        print(f"[selector] Q2B resumed at iteration {int(state['step'])}", file=sys.stderr)
+    step_fn = make_q2b_step(loss_fn, tx)
+    n_dev = args.devices or jax.device_count()
+    mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("data",))
+    rows_sharding, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    timesteps = np.asarray(q_pipe.sched.timesteps)
+    emb_all = None
+    start = int(state["step"])
+    bar = tqdm(range(start, args.q2b_steps), desc="Q2B", initial=start, total=args.q2b_steps,
+               disable=args.quiet)
+    metrics = {}
+    params, opt = jax.device_put(state["params"], repl), jax.device_put(state["opt"], repl)
+    for it in bar:
+        rng = np.random.default_rng([args.seed, it, 0x5E1])
+        ids = rng.choice(len(train_recs), args.batch, replace=False)
+        emb = fp_pipe.encode([train_t.texts[i] for i in ids])
+        qb = q_train[ids]
+        if args.trajectory == "quant":
+            sched = np.asarray(hard_indices(probs_fn(params, jnp.asarray(qb)), q2b_cfg))
+            _, traj = q_pipe.trajectory(emb, train_t.seeds[ids], args.guidance, sched)
+            x_hat_traj = np.swapaxes(traj, 0, 1)                           # [B, T, h, w, c]
+        else:
+            x_hat_traj = train_traj[ids]
+        steps = rng.integers(0, T, (args.batch, args.rows_per_prompt))
+        b_idx = np.repeat(np.arange(args.batch), args.rows_per_prompt)
+        s_idx = steps.ravel()
+        batch = {"q": qb[b_idx], "step": s_idx.astype(np.int32), "t": timesteps[s_idx],
+                 "x_fp": train_traj[ids][b_idx, s_idx], "x_hat": x_hat_traj[b_idx, s_idx],
+                 "cond": np.asarray(emb.cond)[b_idx], "uncond": np.broadcast_to(
+                     np.asarray(emb.uncond), (len(b_idx),) + emb.uncond.shape[1:]),
+                 "guidance": np.full(len(b_idx), args.guidance, np.float32)}
+        batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, rows_sharding)
+        params, opt, metrics = step_fn(params, opt, batch)
+        if (it + 1) % 10 == 0:
+            bar.set_postfix(mse=f"{float(metrics['mse']):.4f}", pen=f"{float(metrics['penalty']):.3f}")
+        if (it + 1) % args.ckpt_every == 0 or it + 1 == args.q2b_steps:
+            ckpt.save(it + 1, {"params": params, "opt": opt, "step": jnp.int32(it + 1)}, {"stage": "q2b"})
+
+    # 4. export
+    sel = Selector(t2q, t2q_params, q2b, params, quant, pooling=args.pooling)
+    sched_held = sel.schedule(q_pipe, fp_pipe.encode(held_t.texts))
+    fab = np.asarray(average_act_bits(jnp.asarray(sched_held), cfg))
+    info = {"command": "python train/train_selector.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "quality": args.quality, "bits": list(bits), "ablation": args.ablation,
+            "lambda_bit": args.lambda_bit, "macs_weighted": args.macs_weighted, "trajectory": args.trajectory,
+            "q2b_steps": args.q2b_steps, "train_prompts": len(train_recs), "t2q": t2q_metrics,
+            "heldout_fab_mean": float(fab.mean()), "heldout_fab_std": float(fab.std()),
+            "final_mse": float(metrics["mse"]) if metrics else None,
+            "base_method": quant_info.get("method"), "minutes": round((time.time() - t0) / 60, 1)}
+    sel.save(args.out, info, quant_dir=args.quant)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
