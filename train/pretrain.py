@@ -32,7 +32,7 @@ from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokeni
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import (SDConfigs, StableDiffusion, configs_from_dicts, init_params,
-                                save_stable_diffusion)
+                                load_stable_diffusion, save_stable_diffusion)
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL
 from qlip_jax.sampling.grid import save_grid
@@ -164,6 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (without exporting) once the diffusion stage reaches this step, as an "
                         "interruption would; a later run with the same arguments resumes")
+    p.add_argument("--init-from", default=None,
+                   help="an earlier export (diffusers folder) of the same preset's VAE: its VAE is reused "
+                        "as-is (stage 1 is skipped) and its text encoder is the starting point of stage 2; "
+                        "the UNet always starts from scratch")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -176,7 +180,17 @@ def main(argv=None) -> int:
     configs = configs_from_dicts(preset(args.preset))
     params = init_params(configs, jax.random.key(args.seed))
 
-    params["vae"] = train_vae(args, configs, params["vae"], args.work)
+    earlier = None
+    if args.init_from:
+        earlier = load_stable_diffusion(args.init_from)
+        if earlier.configs.vae.block_out_channels != configs.vae.block_out_channels or \
+                earlier.configs.text != configs.text:
+            raise ValueError(f"--init-from {args.init_from}: its VAE/text encoder configs differ from "
+                             f"preset '{args.preset}'")
+        params["vae"], params["text_encoder"] = earlier.params["vae"], earlier.params["text_encoder"]
+        print(f"[pretrain] VAE and text encoder from {args.init_from}; stage 1 skipped", file=sys.stderr)
+    else:
+        params["vae"] = train_vae(args, configs, params["vae"], args.work)
     latents = encode_training_latents(args, configs, params["vae"], args.work)
     scale = float(1.0 / latents.std())
     configs = dataclasses.replace(configs, vae=dataclasses.replace(configs.vae, scaling_factor=scale))
@@ -193,6 +207,10 @@ def main(argv=None) -> int:
             "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
             "num_scenes": args.num_scenes, "final_loss": last_loss, "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
+    if earlier is not None:
+        info["vae_steps"] = 0
+        info["init_from"] = {"vae": "reused as-is", "text_encoder": "starting point of stage 2",
+                             "record": earlier.info}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
     save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16)
     print(json.dumps(info, indent=2))
