@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="prompts per Q2B iteration")
     p.add_argument("--rows-per-prompt", type=int, default=4)
     p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (without exporting) once Q2B reaches this iteration, as an interruption "
+                        "would; a later run with the same arguments resumes")
+    p.add_argument("--size", type=int, default=None,
+                   help="image height = width (default: the model's native size)")
     p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -125,8 +130,8 @@ def main(argv=None) -> int:
     if len(bits) != 3:
         raise SystemExit(f"error: Q2B needs three candidate widths, the quantizer has {cfg.act_bits}")
     low, med, high = (cfg.index_of(b) for b in bits)
-    fp_pipe = Text2Image(sd, args.scheduler, args.steps)
-    q_pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
+    fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size)
+    q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant)
     T, L = q_pipe.num_steps, len(quant.registry)
 
     # 1. labels
@@ -187,7 +192,8 @@ def main(argv=None) -> int:
     timesteps = np.asarray(q_pipe.sched.timesteps)
     emb_all = None
     start = int(state["step"])
-    bar = tqdm(range(start, args.q2b_steps), desc="Q2B", initial=start, total=args.q2b_steps,
+    end = args.q2b_steps if args.stop_at is None else min(args.q2b_steps, args.stop_at)
+    bar = tqdm(range(start, end), desc="Q2B", initial=start, total=args.q2b_steps,
                disable=args.quiet)
     metrics = {}
     params, opt = jax.device_put(state["params"], repl), jax.device_put(state["opt"], repl)
@@ -214,8 +220,13 @@ def main(argv=None) -> int:
         params, opt, metrics = step_fn(params, opt, batch)
         if (it + 1) % 10 == 0:
             bar.set_postfix(mse=f"{float(metrics['mse']):.4f}", pen=f"{float(metrics['penalty']):.3f}")
-        if (it + 1) % args.ckpt_every == 0 or it + 1 == args.q2b_steps:
+        if (it + 1) % args.ckpt_every == 0 or it + 1 in (args.q2b_steps, end):
             ckpt.save(it + 1, {"params": params, "opt": opt, "step": jnp.int32(it + 1)}, {"stage": "q2b"})
+
+    if end < args.q2b_steps:
+        print(f"[selector] stopped at Q2B iteration {end} of {args.q2b_steps}; run again to resume",
+              file=sys.stderr)
+        return 0
 
     # 4. export
     sel = Selector(t2q, t2q_params, q2b, params, quant, pooling=args.pooling)
