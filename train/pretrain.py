@@ -142,6 +142,13 @@ def _wall_clock(work: str, seconds: float) -> dict:
     return {"invocations": runs, "total": round(sum(runs), 1)}
 
 
+def _same_architecture(a, b) -> bool:
+    """Configs equal up to the VAE's data-dependent ``scaling_factor``."""
+    if hasattr(a, "scaling_factor"):
+        a, b = dataclasses.replace(a, scaling_factor=1.0), dataclasses.replace(b, scaling_factor=1.0)
+    return a == b
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")
@@ -165,9 +172,9 @@ def main(argv=None) -> int:
                    help="stop (without exporting) once the diffusion stage reaches this step, as an "
                         "interruption would; a later run with the same arguments resumes")
     p.add_argument("--init-from", default=None,
-                   help="an earlier export (diffusers folder) of the same preset's VAE: its VAE is reused "
-                        "as-is (stage 1 is skipped) and its text encoder is the starting point of stage 2; "
-                        "the UNet always starts from scratch")
+                   help="an earlier export (diffusers folder): the starting point of every part whose "
+                        "config matches the preset (VAE, text encoder, UNet) instead of a random init; "
+                        "with --vae-steps 0 its VAE is reused as-is (stage 1 skipped)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -180,16 +187,20 @@ def main(argv=None) -> int:
     configs = configs_from_dicts(preset(args.preset))
     params = init_params(configs, jax.random.key(args.seed))
 
-    earlier = None
+    earlier, started_from = None, {}
     if args.init_from:
         earlier = load_stable_diffusion(args.init_from)
-        if earlier.configs.vae.block_out_channels != configs.vae.block_out_channels or \
-                earlier.configs.text != configs.text:
-            raise ValueError(f"--init-from {args.init_from}: its VAE/text encoder configs differ from "
-                             f"preset '{args.preset}'")
-        params["vae"], params["text_encoder"] = earlier.params["vae"], earlier.params["text_encoder"]
-        print(f"[pretrain] VAE and text encoder from {args.init_from}; stage 1 skipped", file=sys.stderr)
-    else:
+        for part, mine, theirs in (("vae", configs.vae, earlier.configs.vae),
+                                   ("text_encoder", configs.text, earlier.configs.text),
+                                   ("unet", configs.unet, earlier.configs.unet)):
+            if _same_architecture(mine, theirs):
+                params[part] = earlier.params[part]
+                started_from[part] = args.init_from
+        if "vae" not in started_from and args.vae_steps == 0:
+            raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {args.init_from} has "
+                             f"another VAE architecture than preset '{args.preset}'")
+        print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
+    if args.vae_steps > 0:
         params["vae"] = train_vae(args, configs, params["vae"], args.work)
     latents = encode_training_latents(args, configs, params["vae"], args.work)
     scale = float(1.0 / latents.std())
@@ -208,9 +219,7 @@ def main(argv=None) -> int:
             "num_scenes": args.num_scenes, "final_loss": last_loss, "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
     if earlier is not None:
-        info["vae_steps"] = 0
-        info["init_from"] = {"vae": "reused as-is", "text_encoder": "starting point of stage 2",
-                             "record": earlier.info}
+        info["init_from"] = {"parts": sorted(started_from), "record": earlier.info}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
     save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16)
     print(json.dumps(info, indent=2))
