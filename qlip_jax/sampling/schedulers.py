@@ -48,12 +48,16 @@ the sample is wider) and returns the sample's dtype.
 Shapes: ``sample``, ``model_output`` and ``noise`` share any shape ``[*S]`` (latents are NHWC,
 ``[B, H, W, C]``); the coefficients of a step are scalars shared by the whole batch.
 
-Later extension (PTQD variance correction): PTQD corrects the quantization noise of the noise
-prediction by removing its (estimated) residual variance from the stochastic part of the DDIM
-step, i.e. an extra per-step variance term subtracted from ``sigma_t^2``. DDIM therefore keeps
-``coeffs.variance`` (the DDPM posterior variance) and ``coeffs.sigma = eta * sqrt(variance)`` as
-arrays, and :func:`ddim_update` recomputes the direction coefficient ``sqrt(1 - a_prev - sigma^2)``
-from ``sigma`` at run time, so a corrected ``sigma`` can be passed straight in.
+PTQD variance absorption (:mod:`qlip_jax.quant.ptqd`): PTQD treats the uncorrelated part of a
+quantized model's output error as extra Gaussian noise already injected into ``x_prev`` (with
+coefficient :func:`ddim_output_coefficient`) and removes that much variance from DDIM's own fresh
+noise: :func:`ddim_absorbed_sigma` gives ``sigma'_i = sqrt(max(sigma_i^2 - c_i^2 var, 0))`` per
+sample, and :func:`step` takes it as ``sigma=`` (a scalar or one value per sample). As in PTQD's
+sampler, the corrected ``sigma'`` enters both the noise term and the direction coefficient
+``sqrt(1 - a_prev - sigma'^2)`` (:func:`ddim_update` recomputes it at run time), while ``c_i`` is
+the coefficient of the uncorrected step. DDIM keeps ``coeffs.variance`` (the DDPM posterior
+variance) and ``coeffs.sigma = eta * sqrt(variance)`` as arrays for this. Deterministic samplers
+(DDIM with ``eta = 0``, PLMS, DPM-Solver++) inject no noise, so there is nothing to absorb.
 
 References: DDIM, Song et al. 2020 (arXiv:2010.02502); PNDM/PLMS, Liu et al. 2022
 (arXiv:2202.09778); DPM-Solver++, Lu et al. 2022 (arXiv:2211.01095).
@@ -77,7 +81,8 @@ from qlip_jax.models.configs import META_KEYS, ConfigError
 __all__ = [
     "SchedulerConfig", "Scheduler", "DDIMCoeffs", "PLMSCoeffs", "DPMSolverCoeffs",
     "DDIMState", "PLMSState", "DPMSolverState", "KINDS", "make_scheduler", "init_state", "step",
-    "ddim_update", "add_noise", "velocity", "make_betas", "make_alphas_cumprod",
+    "ddim_update", "ddim_output_coefficient", "ddim_absorbed_sigma", "add_noise", "velocity",
+    "make_betas", "make_alphas_cumprod",
 ]
 
 Array = jax.Array
@@ -677,7 +682,8 @@ def ddim_update(x0: Array, eps: Array, alpha_prev: Array, sigma: Array, noise: A
     return x_prev if noise is None else x_prev + sigma * noise
 
 
-def step(sched: Scheduler, state, i, model_output: Array, sample: Array, noise: Array | None = None):
+def step(sched: Scheduler, state, i, model_output: Array, sample: Array, noise: Array | None = None,
+         sigma: Array | None = None):
     """One denoising step ``x_{timesteps[i]} -> x_{next}``.
 
     Args:
@@ -689,14 +695,18 @@ def step(sched: Scheduler, state, i, model_output: Array, sample: Array, noise: 
         x0 per ``sched.prediction_type``; with guidance already applied).
       sample: ``[*S]`` the current latents ``x_t``.
       noise: ``[*S]`` standard normal noise, required for DDIM with ``eta > 0``; ignored otherwise.
+      sigma: DDIM only: the std of the fresh noise instead of ``coeffs.sigma[i]``, a scalar or one
+        value per sample ``[B]`` (``S = [B, ...]``), e.g. :func:`ddim_absorbed_sigma` (PTQD).
 
     Returns:
       ``(prev_sample [*S] in sample's dtype, new_state)``.
     """
     dt = _compute_dtype(sample.dtype)
     x, out = sample.astype(dt), model_output.astype(dt)
+    if sigma is not None and sched.kind != "ddim":
+        raise ValueError(f"a noise std (sigma=) only applies to DDIM, not {sched.kind}")
     if sched.kind == "ddim":
-        prev, new_state = _ddim_step(sched, i, out, x, noise), state
+        prev, new_state = _ddim_step(sched, i, out, x, noise, sigma), state
     elif sched.kind == "pndm":
         prev, new_state = _plms_step(sched, state, i, out, x)
     elif sched.kind == "dpmsolver++":
@@ -706,9 +716,15 @@ def step(sched: Scheduler, state, i, model_output: Array, sample: Array, noise: 
     return prev.astype(sample.dtype), new_state
 
 
-def _ddim_step(sched: Scheduler, i, out: Array, x: Array, noise: Array | None) -> Array:
+def _ddim_step(sched: Scheduler, i, out: Array, x: Array, noise: Array | None,
+               sigma: Array | None = None) -> Array:
     c: DDIMCoeffs = sched.coeffs
     dt = x.dtype
+    if sigma is None:
+        sigma = c.sigma[i].astype(dt)
+    else:  # scalar or [B] -> broadcastable against [B, ...]
+        sigma = jnp.asarray(sigma, dt)
+        sigma = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim)) if sigma.ndim else sigma
     a_t = c.alpha_t[i].astype(dt)
     # DDIM eq. (12), "predicted x0" from the model output
     x0, eps = _x0_and_eps(sched.prediction_type, out, x, jnp.sqrt(a_t), jnp.sqrt(1.0 - a_t))
@@ -720,7 +736,40 @@ def _ddim_step(sched: Scheduler, i, out: Array, x: Array, noise: Array | None) -
         noise = noise.astype(dt)
     else:
         noise = None  # sigma = 0: deterministic DDIM
-    return ddim_update(x0, eps, c.alpha_prev[i].astype(dt), c.sigma[i].astype(dt), noise)
+    return ddim_update(x0, eps, c.alpha_prev[i].astype(dt), sigma, noise)
+
+
+def ddim_output_coefficient(sched: Scheduler, i) -> Array:
+    """``c_i``: the factor with which the model output enters ``x_prev`` in DDIM step ``i`` (scalar).
+
+    From :func:`ddim_update` with the step's own ``sigma_i`` and the predictions of
+    :func:`_x0_and_eps` (``d = sqrt(1 - a_prev - sigma_i^2)``): ``d - sqrt(a_prev (1 - a_t) / a_t)``
+    for epsilon, ``d sqrt(a_t) - sqrt(a_prev (1 - a_t))`` for v, ``sqrt(a_prev) - d sqrt(a_t / (1 - a_t))``
+    for sample prediction. x0 clipping (``clip_sample``) is ignored (it only ever shrinks the effect).
+    """
+    if sched.kind != "ddim":
+        raise ValueError(f"ddim_output_coefficient needs a DDIM scheduler, not {sched.kind}")
+    c: DDIMCoeffs = sched.coeffs
+    a_t, a_prev, sigma = c.alpha_t[i], c.alpha_prev[i], c.sigma[i]
+    d = jnp.sqrt(1.0 - a_prev - sigma ** 2)
+    if sched.prediction_type == "epsilon":
+        return d - jnp.sqrt(a_prev * (1.0 - a_t) / a_t)
+    if sched.prediction_type == "v_prediction":
+        return d * jnp.sqrt(a_t) - jnp.sqrt(a_prev * (1.0 - a_t))
+    return jnp.sqrt(a_prev) - d * jnp.sqrt(a_t / (1.0 - a_t))
+
+
+def ddim_absorbed_sigma(sched: Scheduler, i, output_var: Array) -> Array:
+    """PTQD's noise std of DDIM step ``i`` when the model output carries extra noise of variance
+    ``output_var`` (any shape, e.g. ``[B]`` per sample): ``sqrt(max(sigma_i^2 - c_i^2 var, 0))`` with
+    ``c_i`` from :func:`ddim_output_coefficient`. Exactly ``sigma_i`` where ``output_var == 0``.
+    Returns ``output_var``'s shape (float32); pass it to :func:`step` as ``sigma``.
+    """
+    var = jnp.asarray(output_var, jnp.float32)
+    sigma = sched.coeffs.sigma[i]
+    coef = ddim_output_coefficient(sched, i)
+    reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - coef ** 2 * var, 0.0))
+    return jnp.where(var > 0, reduced, sigma)
 
 
 def _plms_step(sched: Scheduler, state: PLMSState, i, out: Array, x: Array):
