@@ -17,6 +17,9 @@ Methods (:func:`calibrate`, every candidate activation width at once, weights at
   per sampler step (``S = pipe.num_steps``), MSE-clipped on the calibration inputs of that step
   (steps absent from the data copy the nearest calibrated step); weights as ``mse``. The quantized
   UNet reads the row of ``QuantArgs.step`` (the sampler passes its step index).
+* ``ptqd``: PTQD: a base quantizer (``qdiff`` by default, option ``init``) plus a correction of the
+  UNet output's quantization noise per sampler step and candidate (``QuantSetup.ptqd``, applied by
+  the sampler; :mod:`qlip_jax.quant.ptqd`), fitted for ``pipe``'s timesteps.
 
 Split quantization (Q-Diffusion's shortcut splitting): layers whose input is the up blocks'
 ``concat([hidden, skip])`` (their ``split`` field, see :func:`~qlip_jax.quant.registry.concat_splits`)
@@ -40,7 +43,7 @@ from qlip_jax.quant.registry import Registry, concat_splits, init_quant_state
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 
 #: Calibration methods of :func:`calibrate`.
-METHODS = ("minmax", "percentile", "mse", "qdiff", "tdq")
+METHODS = ("minmax", "percentile", "mse", "qdiff", "tdq", "ptqd")
 
 
 @dataclasses.dataclass
@@ -339,7 +342,8 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
       pipe: a :class:`~qlip_jax.sampling.pipeline.Text2Image` (its UNet, params, latent size and, for
         ``tdq``, step count ``S = pipe.num_steps``).
       data: timestep-aware calibration inputs (:func:`collect_calibration_data`).
-      method: ``minmax``, ``percentile``, ``mse``, ``qdiff`` or ``tdq`` (see the module docstring).
+      method: ``minmax``, ``percentile``, ``mse``, ``qdiff``, ``tdq`` or ``ptqd`` (see the module
+        docstring).
       split_concat: separate activation quantizers for the two halves of the up blocks'
         ``[hidden, skip]`` concatenations.
       batch_size: UNet batch of the statistics passes.
@@ -348,12 +352,17 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         :class:`QuantSetup` of the same config and model, e.g. an ``mse`` one) and the fields of
         :class:`~qlip_jax.quant.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
         ``lr_weight``, ``lr_act``, ``reg_weight``, ``warmup``, ``beta_start``, ``beta_end``,
-        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``).
+        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``). ``ptqd``: ``init`` (the base
+        quantizer: a method name, default ``"qdiff"``, or a calibrated :class:`QuantSetup`, e.g. a
+        ``qdiff`` one to skip its reconstruction), ``pixels`` (output pixels per row in the fit), and
+        the options of the ``init`` method.
     Returns:
       the setup; ``setup.info`` records the method, options and (``qdiff``) the reconstruction log.
     """
     if method not in METHODS:
         raise ValueError(f"unknown clipping method '{method}'; methods are {METHODS}")
+    if method == "ptqd":
+        return _calibrate_ptqd(pipe, config, data, split_concat, batch_size, **opts)
     allowed = {"tdq": {"clip"}, "qdiff": None}.get(method, set())
     if method == "qdiff":
         from qlip_jax.quant.reconstruction import ReconOptions
@@ -396,3 +405,28 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
     else:
         state = base(method, **opts)
     return QuantSetup(config, registry, state, info)
+
+
+def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_concat: bool, batch_size: int,
+                    init="qdiff", pixels: int | None = None, **opts) -> QuantSetup:
+    """``calibrate(method="ptqd")``: the ``init`` quantizer, then the PTQD correction on ``data``."""
+    from qlip_jax.quant import ptqd
+
+    if isinstance(init, QuantSetup):
+        if opts:
+            raise TypeError(f"calibrate(method='ptqd') with a calibrated init setup got unknown "
+                            f"option(s) {sorted(opts)}; valid: ['init', 'pixels']")
+        registry = unet_registry(pipe.sd.configs.unet, pipe.latent_shape[:2], data.context.shape[1:],
+                                 config.quantize_attn_matmul)
+        if init.config != config or init.registry != registry:
+            raise ValueError("ptqd init setup was calibrated for another quant config or model layout")
+        base = init
+    elif init in METHODS and init != "ptqd":
+        base = calibrate(pipe, config, data, init, split_concat=split_concat, batch_size=batch_size, **opts)
+    else:
+        raise ValueError(f"ptqd init must be one of {tuple(m for m in METHODS if m != 'ptqd')} or a "
+                         f"QuantSetup, got {init!r}")
+    corr = ptqd.calibrate_correction(pipe, base, data, pixels or ptqd.DEFAULT_PIXELS, batch_size)
+    info = {"method": "ptqd", "init": init.info.get("method", "given") if isinstance(init, QuantSetup)
+            else init, "pixels": pixels or ptqd.DEFAULT_PIXELS, "base": base.info, "ptqd": ptqd.summary(corr)}
+    return QuantSetup(config, base.registry, base.state, info, ptqd=corr)

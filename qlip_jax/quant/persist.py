@@ -4,6 +4,9 @@ A quantizer state only means something for the weights it was calibrated on. Sav
 fingerprint of the UNet (its config and a checksum of every parameter), the quant config, the
 registry (names, kinds, MACs) and free-form metadata (method, calibration data); loading recomputes
 the fingerprint of the model at hand and refuses a mismatch with a message naming both.
+
+A setup with a PTQD correction (``setup.ptqd``) is saved as the tree ``{"state": ..., "ptqd": ...}``
+with ``"has_ptqd": true`` in the metadata; other setups save the per-layer state tree alone, as before.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ def save_quant_setup(directory: str, setup: QuantSetup, fingerprint: str, meta: 
     """Write ``setup`` under ``directory`` (an orbax checkpoint, step 0) with its model fingerprint."""
     info = {"model_fingerprint": fingerprint, "quant_config": setup.config.to_dict(),
             "registry": [[l.name, l.kind, l.macs, l.out_features] for l in setup.registry.layers],
-            **(meta or {})}
-    Checkpointer(directory, max_to_keep=1).save(0, setup.state, info)
+            **(meta or {}), "has_ptqd": setup.ptqd is not None}
+    tree = setup.state if setup.ptqd is None else {"state": setup.state, "ptqd": setup.ptqd.to_dict()}
+    Checkpointer(directory, max_to_keep=1).save(0, tree, info)
 
 
 def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict]:
@@ -58,4 +62,9 @@ def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict
     config = QuantConfig.from_dict(info["quant_config"])
     registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
     state, _ = ckpt.restore()
-    return QuantSetup(config, registry, state), info
+    correction = None
+    if info.get("has_ptqd"):
+        from qlip_jax.quant.ptqd import PTQDCorrection
+
+        state, correction = state["state"], PTQDCorrection.from_dict(state["ptqd"])
+    return QuantSetup(config, registry, state, ptqd=correction), info

@@ -15,6 +15,10 @@ count, image size, quantizer config.
 ``T`` is the length of the scheduler's actual timestep array (PNDM in PLMS mode evaluates the model
 once more than the requested step count), and a schedule must have exactly ``T`` steps.
 
+A quantizer with a PTQD correction (``quant.ptqd``, :mod:`qlip_jax.quant.ptqd`) has its guided
+noise prediction corrected per prompt and step under a schedule (and, for DDIM with ``eta > 0``, its
+fresh-noise std reduced); the correction's tables are traced inputs too.
+
 Only the UNet is quantized. The text encoder and the VAE run in float (the QLIP setting: the selector
 reads the float text embedding, and BitOPs count the UNet).
 
@@ -36,6 +40,7 @@ from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
+from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
 from qlip_jax.sampling import schedulers
 
@@ -87,6 +92,11 @@ class Text2Image:
         self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
+        self._ptqd = quant is not None and quant.ptqd is not None
+        if self._ptqd:
+            ptqd.check_sampler(quant.ptqd, self.sched)
+            macs = quant.registry.macs()
+            self._mac_share = (macs / macs.sum()).astype(np.float32)
         self.trace_count = 0  # incremented each time the sampling function is traced (tests)
         self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._sample = jax.jit(self._sample_impl, static_argnames="keep_trajectory")
@@ -179,7 +189,8 @@ class Text2Image:
     # ------------------------------------------------------------------------------------------
     def _params(self):
         p = {"unet": self.sd.params["unet"], "vae": self.sd.params["vae"],
-             "quant": None if self.quant is None else self.quant.state}
+             "quant": None if self.quant is None else self.quant.state,
+             "ptqd": self.quant.ptqd if self._ptqd else None}
         if self.mesh is not None:
             p = jax.device_put(p, NamedSharding(self.mesh, PartitionSpec()))
         return p
@@ -211,7 +222,11 @@ class Text2Image:
             eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
             eps = eps_u + guidance * (eps_c - eps_u)
             noise = draw(keys, 1, i)                                  # DDIM eta > 0 only
-            x_next, state = schedulers.step(sched, state, i, eps, x, noise)
+            sigma = None
+            if q is not None and self._ptqd:                         # PTQD output correction
+                eps, sigma = ptqd.sampler_correction(params["ptqd"], sched, i, idx, eps, guidance,
+                                                     self._mac_share, self.quant.config.num_quantized)
+            x_next, state = schedulers.step(sched, state, i, eps, x, noise, sigma=sigma)
             return (x_next, state), (x if keep_trajectory else None)
 
         state = schedulers.init_state(sched, latents)
