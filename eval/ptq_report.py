@@ -4,7 +4,9 @@
 
 For every weight width among ``--settings`` and every base method, one quantizer is calibrated for all
 of that width's activation candidates at once (``train/calibrate.py``'s recipe: float trajectories of
-held-out calibration prompts) and saved under ``<out>/quant/<method>-w<bits>``. Then the first ``--n``
+held-out calibration prompts) and saved under ``<out>/quant/<method>-w<bits>``; ``ptqd`` starts from
+the ``qdiff`` quantizer of the same width when ``qdiff`` comes before it in ``--methods`` (one
+reconstruction, not two), and its correction is fitted for the report's sampler. Then the first ``--n``
 evaluation prompts are sampled in float and at each uniform setting with the same seeds, and scored:
 
 * BitOPs relative to float (UNet, both guidance halves, every step; :func:`qlip_jax.quant.registry.bitops`),
@@ -84,12 +86,15 @@ def main(argv=None) -> int:
     grid_method = args.grid_method or args.methods[-1]
     grid_cols = {"float": fp_images[:args.grid_prompts]}
     fp_bitops = None
+    calibrated = {}
     for method in args.methods:
         for wbits in sorted({w for w, _ in settings}):
             act = tuple(sorted({a for w, a in settings if w == wbits}))
             config = QuantConfig(act_bits=act, weight_bits=wbits)
             print(f"[ptq] calibrating {method} W{wbits}A{act} ...", file=sys.stderr)
-            setup = calibrate(pipe, config, data, method)
+            reuse = method == "ptqd" and ("qdiff", wbits) in calibrated
+            opts = {"init": calibrated[("qdiff", wbits)]} if reuse else {}
+            setup = calibrated[(method, wbits)] = calibrate(pipe, config, data, method, **opts)
             save_quant_setup(os.path.join(args.out, "quant", f"{method}-w{wbits}"), setup, fingerprint,
                              {"method": method, "calibration_prompts": len(calib)})
             qpipe = Text2Image(sd, args.scheduler, args.steps, quant=setup)

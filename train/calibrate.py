@@ -9,6 +9,10 @@ both guidance halves, form the timestep-aware calibration set (Q-Diffusion); the
 fits weight scales (``--weight-bits``, per output channel) and activation ranges for each candidate in
 ``--act-bits``. The quantizer state is saved with orbax and tagged with the model's fingerprint
 (:mod:`qlip_jax.quant.persist`), so it is refused on any other model.
+
+``--method ptqd`` adds PTQD's output correction on top of a base quantizer (``--init``, default
+``qdiff``); it is fitted per step of the ``--scheduler``/``--steps`` sampler and only serves a sampler
+with that timestep grid (DDIM with ``eta > 0`` also absorbs the residual variance).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
     p.add_argument("--method", default="mse", choices=METHODS)
+    p.add_argument("--init", default=None, choices=[m for m in METHODS if m != "ptqd"],
+                   help="base quantizer of --method qdiff (default mse) or ptqd (default qdiff)")
     p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--attn-matmul", action="store_true", help="also quantize QK^T and AV")
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):
+        raise SystemExit(f"error: --init {args.init} does not apply to --method {args.method} (qdiff starts "
+                         f"from minmax/percentile/mse/tdq, ptqd from any of those or qdiff)")
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise SystemExit(f"error: {args.out} is not empty; pass --overwrite to replace it")
     if args.prompt_file:
@@ -71,8 +80,9 @@ def main(argv=None) -> int:
                                     args.keep_steps)
     print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
           f"A{config.act_bits} ...", file=sys.stderr)
-    setup = calibrate(pipe, config, data, args.method)
-    meta = {"method": args.method, "model": sd.folder, "scheduler": args.scheduler, "steps": args.steps,
+    setup = calibrate(pipe, config, data, args.method, **({} if args.init is None else {"init": args.init}))
+    meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
+            "scheduler": args.scheduler, "steps": args.steps,
             "guidance": args.guidance, "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,
             "seed": args.seed, "command": "python train/calibrate.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
