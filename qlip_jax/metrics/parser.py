@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from qlip_jax.data.scenes import BACKGROUNDS, COLORS, FILLS, POSITIONS, SHAPES, SIZES, Caption, Scene, SceneObject
+from qlip_jax.data.scenes import (
+    BACKGROUNDS, COLORS, FILLS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Caption, Scene, SceneObject,
+)
 from qlip_jax.models.io import flat_leaves
 
 _SHAPES = ("none",) + SHAPES
@@ -153,8 +155,21 @@ def macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(f1s))
 
 
+def to_parser_size(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[B, H, W, 3]`` images of another size (e.g. a test model's 32x32 samples) -> bilinear
+    ``[B, 64, 64, 3]``, the size the parser reads; 64x64 (and float) input is returned unchanged."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:3] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    from PIL import Image
+
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    return np.stack([np.asarray(Image.fromarray(x).resize(size, Image.BILINEAR)) for x in images])
+
+
 class SceneParser:
-    """A trained parser: ``parse(images) -> [ParsedScene]``, ``features(images) -> [B, 256]``."""
+    """A trained parser: ``parse(images) -> [ParsedScene]``, ``features(images) -> [B, 256]``
+    (uint8 images of any size are resized to 64x64 first, :func:`to_parser_size`)."""
 
     def __init__(self, params: dict, width: int = 32):
         self.net = SceneParserNet(width)
@@ -162,6 +177,7 @@ class SceneParser:
         self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> dict:
+        images = to_parser_size(images)
         outs = [self._apply(self.params, jnp.asarray(images[i:i + batch_size]))
                 for i in range(0, len(images), batch_size)]
         return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
