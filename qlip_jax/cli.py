@@ -3,7 +3,7 @@
 ``qlip sample --prompt TEXT [--prompt ...] [--model DIR] [--steps N] [--guidance G] [--seed S]
 [--precision fp|qlip|wXaY|SCHEDULE.npy|SCHEDULE.json] [--selector DIR] [--quant DIR] [--out grid.png]``
 
-``qlip demo [--n 64] [--out qlip-demo] [--overwrite] [--model DIR --quant DIR --selector DIR]``: the main
+``qlip demo [--n 128] [--out qlip-demo] [--overwrite] [--model DIR --quant DIR --selector DIR]``: the main
 job, FP vs uniform precisions vs QLIP on held-out prompts (FID, sFID, domain FID, alignment, PSNR/SSIM,
 BitOPs, FAB), a report and figures (:mod:`qlip_jax.evaluation`).
 
@@ -249,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     from qlip_jax.evaluation import add_arguments
 
     d = sub.add_parser("demo", help="the main job: FP vs uniform precisions vs QLIP on held-out prompts, "
-                                    "with a report and figures (about 10 minutes on 2 CPU cores)")
+                                    "with a report and figures (about 6 minutes on 2 idle CPU cores)")
     d.add_argument("--quant", action="append", default=None, metavar="DIR",
                    help="base quantizer state for the uniform rows (default: qlip_jax/assets/quant); repeat")
     d.add_argument("--selector", action="append", default=None, metavar="DIR",
                    help="QLIP selector (default: qlip_jax/assets/selector); repeat")
-    add_arguments(d, n=64, out="qlip-demo")
+    add_arguments(d, n=128, out="qlip-demo")
     d.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)

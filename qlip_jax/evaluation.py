@@ -489,8 +489,12 @@ def schedule_heatmap(path: str, schedule: np.ndarray, config: QuantConfig, layer
         g = layer_group(name)
         labels.append(g if g != last else "")
         last = g
-    return heatmap(path, bits, labels, [str(t) for t in range(bits.shape[1])], title, cell=8,
+    return heatmap(path, bits, labels, [str(t) for t in range(bits.shape[1])], title, cell=10,
                    vmin=min(config.act_bits), vmax=max(config.act_bits))
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _slug(text: str) -> str:
@@ -522,9 +526,6 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
     if levels:
         md += ["", "QLIP: mean FAB (and T2Q's predicted quality) by caption level of the evaluated prompts:", "",
                levels]
-    paths["report.md"] = os.path.join(out, "report.md")
-    with open(paths["report.md"], "w") as f:
-        f.write("\n".join(md) + "\n")
     paths["report.csv"] = write_csv(os.path.join(out, "report.csv"), rows)
     paths["report.json"] = os.path.join(out, "report.json")
     with open(paths["report.json"], "w") as f:
@@ -538,6 +539,7 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
         p = pareto_plot(os.path.join(out, f"pareto_{metric}.png"), results, metric, label)
         if p:
             paths[f"pareto_{metric}"] = p
+    heat = []
     for r in results:
         if r.method.kind != QLIP:
             continue
@@ -548,7 +550,9 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
             key = f"schedule_{_slug(r.method.name)}_level{rec.level}"
             paths[key] = schedule_heatmap(
                 os.path.join(out, key + ".png"), sched[0], r.method.quant.config, r.method.quant.registry.names,
-                f"{r.method.name}, level {rec.level}: '{rec.text[:60]}' q={float(q[0]):.2f} FAB={fab:.2f}")
+                f"level {rec.level} prompt, q {float(q[0]):.2f}, FAB {fab:.2f}: '{_short(rec.text, 28)}'")
+            heat.append(f"- `{key}.png` ({r.method.name}): level {rec.level}, predicted quality {float(q[0]):.3f}, "
+                        f"FAB {fab:.2f}: \"{rec.text}\"")
     k = min(grid_prompts, len(ev.records))
     first_base = next((r.method.quant for r in results if r.method.kind == UNIFORM), None)
     shown = [r for r in results if r.method.kind != UNIFORM or r.method.quant is first_base]
@@ -556,6 +560,12 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
     caps = [(f"FP: {ev.records[i].text}" if r.method.kind == FP else
              f"{r.method.name} {r.per_image['psnr'][i]:.1f}dB") for i in range(k) for r in shown]
     paths["samples"] = save_grid(os.path.join(out, "samples.png"), tiles, caps, cols=len(shown))
+    if heat:
+        md += ["", "Schedule heatmaps (activation bits, layers down, steps across):", "", *heat]
+    md += ["", f"Figures: {', '.join(sorted(os.path.basename(p) for p in paths.values() if p.endswith('.png')))}"]
+    paths["report.md"] = os.path.join(out, "report.md")
+    with open(paths["report.md"], "w") as f:
+        f.write("\n".join(md) + "\n")
     return paths
 
 
