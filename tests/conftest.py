@@ -6,13 +6,6 @@ import os
 
 # Tests run on the CPU, deterministic and in float32.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests build the same tiny models in fresh jitted closures (a new sampler, a new training step):
-# XLA's persistent cache, fresh for each run, lets an identical program compile once per run.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlip-tests-xla-")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest
