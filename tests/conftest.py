@@ -87,3 +87,15 @@ def tiny_sd(tiny_sd_dir):
     from qlip_jax.models.sd import load_stable_diffusion
 
     return load_stable_diffusion(tiny_sd_dir)
+
+
+@pytest.fixture(scope="session")
+def calib(tiny_sd):
+    """``(float DDIM 4-step sampler, its timestep-aware calibration data)`` of two prompts on the tiny SD."""
+    from qlip_jax.quant.calibration import collect_calibration_data
+    from qlip_jax.sampling.pipeline import Text2Image
+
+    pipe = Text2Image(tiny_sd, "ddim", steps=4)
+    data = collect_calibration_data(pipe, ["a red star", "two blue squares on a gray background"], [0, 1],
+                                    guidance=3.0)
+    return pipe, data

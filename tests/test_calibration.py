@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 from conftest import rms_rel_err
 
-from qlip_jax.quant.calibration import calibrate, collect_calibration_data
+from qlip_jax.quant.calibration import calibrate
 from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantArgs, QuantConfig
-from qlip_jax.sampling.pipeline import Text2Image
-
-
-@pytest.fixture(scope="module")
-def calib(tiny_sd):
-    pipe = Text2Image(tiny_sd, "ddim", steps=4)
-    data = collect_calibration_data(pipe, ["a red star", "two blue squares on a gray background"], [0, 1],
-                                    guidance=3.0)
-    return pipe, data
 
 
 def _output_error(pipe, setup, data, k):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qlip_jax.naming import modules_by_name
-from qlip_jax.quant.calibration import (calibrate, collect_calibration_data, model_splits, nearest_rows)
+from qlip_jax.quant.calibration import calibrate, model_splits, nearest_rows
 from qlip_jax.quant.fake_quant import adaround_fake_quant, adaround_init, fake_quant, rectified_sigmoid
 from qlip_jax.quant.layers import QConv, _quantize_activation, quantize_weight
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, save_quant_setup
@@ -20,14 +20,6 @@ from qlip_jax.sampling.pipeline import Text2Image
 CONFIG = QuantConfig(act_bits=(4, 6), weight_bits=4)
 #: A short reconstruction that still converges on the tiny model (defaults are for real runs).
 QDIFF_OPTS = dict(iters=40, batch=16, lr_weight=0.1, reg_weight=1.0, lr_act=0.01)
-
-
-@pytest.fixture(scope="module")
-def calib(tiny_sd):
-    pipe = Text2Image(tiny_sd, "ddim", steps=4)
-    data = collect_calibration_data(pipe, ["a red star", "two blue squares on a gray background"], [0, 1],
-                                    guidance=3.0)
-    return pipe, data
 
 
 @pytest.fixture(scope="module")
