@@ -352,7 +352,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         :class:`QuantSetup` of the same config and model, e.g. an ``mse`` one) and the fields of
         :class:`~qlip_jax.quant.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
         ``lr_weight``, ``lr_act``, ``reg_weight``, ``warmup``, ``beta_start``, ``beta_end``,
-        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``). ``ptqd``: ``init`` (the base
+        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``, ``progress``). ``ptqd``: ``init`` (the base
         quantizer: a method name, default ``"qdiff"``, or a calibrated :class:`QuantSetup`, e.g. a
         ``qdiff`` one to skip its reconstruction), ``pixels`` (output pixels per row in the fit), and
         the options of the ``init`` method.
@@ -375,7 +375,8 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
                              config.quantize_attn_matmul)
     unet, params = pipe.unet, pipe.sd.params["unet"]
     splits = model_splits(pipe, data.context.shape[1:]) if split_concat else {}
-    info = {"method": method, "split_concat": bool(split_concat), **opts}
+    info = {"method": method, "split_concat": bool(split_concat),
+            **{k: v for k, v in opts.items() if k != "progress"}}
 
     def base(m, **kw):
         if m == "minmax":

@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from qlip_jax.naming import modules_by_name
 from qlip_jax.quant.fake_quant import (ADAROUND_GAMMA, ADAROUND_ZETA, adaround_regularizer,
@@ -109,6 +110,7 @@ class ReconOptions:
       learn_weights, learn_act: which of the two to learn.
       seed: minibatch sampling seed.
       log_every: print the losses every this many steps (0: silent).
+      progress: show a progress bar over the steps (stderr).
     """
 
     iters: int = 500
@@ -124,6 +126,7 @@ class ReconOptions:
     learn_act: bool = True
     seed: int = 0
     log_every: int = 0
+    progress: bool = False
 
     def __post_init__(self):
         if self.granularity not in ("block", "output"):
@@ -310,7 +313,7 @@ def reconstruct(unet, params: dict, registry: Registry, config: QuantConfig, sta
     steps = jnp.asarray(data.step_index, jnp.int32)
     rec_log, reg_log = [], []
     t0 = time.time()
-    for it in range(opts.iters):
+    for it in tqdm(range(opts.iters), desc="qdiff reconstruction", unit="step", disable=not opts.progress):
         sel = jnp.asarray(rng.choice(n, bsz, replace=False))
         variables, opt_state, rec, reg = train_step(variables, opt_state, jnp.float32(it), lat[sel], ts[sel],
                                                     ctx[sel], steps[sel] if has_tables else None)
