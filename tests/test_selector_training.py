@@ -4,6 +4,8 @@ resumes from its checkpoint with identical state."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,6 @@ def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup):
 
 def test_train_selector_resumes_with_identical_state(tiny_sd_dir, tiny_sd, setup, tmp_path):
     """The real program, a few iterations: interrupted at 2 of 4 and resumed equals an uninterrupted run."""
-    import os
     import sys
 
     from safetensors.numpy import load_file
@@ -121,3 +122,23 @@ def _flat(tree, prefix=""):
         key = f"{prefix}/{k}" if prefix else k
         out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
     return out
+
+
+def test_q2b_checkpoints_resume_only_the_same_problem():
+    """A Q2B run in a shared --work folder resumes only a run with the same quantizer and settings."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+    from train_selector import build_parser, q2b_run_name
+
+    base = ["--quant", "q", "--work", "w", "--out", "o"]
+    qinfo = {"model_fingerprint": "abc", "method": "qdiff", "command": "calibrate --method qdiff", "minutes": 5.1}
+    name = q2b_run_name(build_parser().parse_args(base), qinfo)
+    assert name == q2b_run_name(build_parser().parse_args(base), dict(qinfo))
+    assert name.startswith("q2b-qdiff-full-lam")
+    others = [q2b_run_name(build_parser().parse_args(base + ["--lambda-bit", "0.5"]), qinfo),
+              q2b_run_name(build_parser().parse_args(base + ["--ablation", "pq"]), qinfo),
+              q2b_run_name(build_parser().parse_args(base + ["--macs-weighted"]), qinfo),
+              q2b_run_name(build_parser().parse_args(base), {**qinfo, "method": "ptqd"}),
+              q2b_run_name(build_parser().parse_args(base), {**qinfo, "minutes": 5.2})]
+    assert len({name, *others}) == 1 + len(others)
