@@ -135,8 +135,11 @@ def load_methods(sd, quant_dirs=(), selector_dirs=(), settings=None) -> list[Met
             methods.append(Method(name, UNIFORM, f"uniform {base}", setup, a, source=folder))
     for folder in selector_dirs:
         sel = Selector.load(folder, sd)
-        lam = sel.info.get("lambda_bit")
-        name = _unique(f"QLIP (lambda {lam})" if lam is not None else "QLIP", taken, folder)
+        tags = [f"{sel.info['base_method']}" if sel.info.get("base_method") else None,
+                f"lambda {sel.info['lambda_bit']}" if sel.info.get("lambda_bit") is not None else None,
+                sel.info.get("ablation") if sel.info.get("ablation") not in (None, "full") else None]
+        tags = [t for t in tags if t]
+        name = _unique(f"QLIP ({', '.join(tags)})" if tags else "QLIP", taken, folder)
         taken.add(name)
         methods.append(Method(name, QLIP, "QLIP", sel.quant, selector=sel, source=folder))
     return methods
@@ -428,18 +431,27 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def level_table(results: list[MethodResult], records: list) -> str:
-    """Mean FAB and predicted quality of each QLIP method per caption level ('' if none)."""
+    """Mean FAB and predicted quality of each QLIP method per caption level, and the Spearman
+    correlations of each prompt's FAB with its caption level (richness) and with its predicted quality
+    ('' if no QLIP method)."""
+    from qlip_jax.selector.t2q import spearman
+
     qlip = [r for r in results if r.method.kind == QLIP]
     if not qlip:
         return ""
     levels = np.asarray([r.level for r in records])
-    lines = ["| method | " + " | ".join(f"level {l}" for l in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
+    lines = ["| method | " + " | ".join(f"level {l}" for l in LEVELS) + " | SROCC(FAB, level) | SROCC(FAB, q) |",
+             "|---|" + "---|" * (len(LEVELS) + 2)]
     for r in qlip:
         cells = []
         for l in LEVELS:
             sel = levels == l
             cells.append("-" if not sel.any() else
                          f"{r.per_image['fab'][sel].mean():.2f} (q {r.per_image['quality'][sel].mean():.2f})")
+        fab = r.per_image["fab"]
+        for other in (levels.astype(np.float64), r.per_image["quality"]):
+            rho = float(spearman(fab, other)) if np.ptp(fab) > 0 and np.ptp(other) > 0 else float("nan")
+            cells.append(_fmt(rho, ".3f"))
         lines.append(f"| {r.method.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -181,3 +181,27 @@ def test_inception_fid_and_sfid_on_two_images(tiny_sd, parser, tmp_path):
     same = ev.score(fp, real, None, None, real).metrics
     assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["sfid"] == pytest.approx(0.0, abs=1e-6)
     assert same["domain_fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_level_table_reports_bits_per_level_and_their_correlations():
+    from qlip_jax.evaluation import Method, MethodResult, level_table
+
+    records = prompt_set("eval")[:40]
+    levels = np.asarray([r.level for r in records], np.float64)
+    assert np.ptp(levels) > 0
+    fab = 6.0 + levels / 2                                  # bits rise with richness, strictly by level
+    quality = 1.0 - levels / 10                             # predicted quality falls with it
+    res = MethodResult(Method("QLIP (x)", QLIP, "QLIP"), np.zeros((40, 1, 1, 3), np.uint8), None,
+                       {"fab": fab, "quality": quality}, {})
+    fp = MethodResult(Method("FP", FP, "FP"), np.zeros((40, 1, 1, 3), np.uint8), None, {}, {})
+    table = level_table([fp, res], records)
+    header, _, row = table.splitlines()
+    assert header.endswith("| SROCC(FAB, level) | SROCC(FAB, q) |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "QLIP (x)"
+    assert cells[-2:] == ["1.000", "-1.000"]
+    assert cells[1].startswith("6.00 (q 1.00)")
+    flat = MethodResult(Method("QLIP (y)", QLIP, "QLIP"), res.images, None,
+                        {"fab": np.full(40, 8.0), "quality": quality}, {})
+    assert level_table([fp, flat], records).splitlines()[-1].endswith("| n/a | n/a |")
+    assert level_table([fp], records) == ""
