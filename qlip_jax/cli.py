@@ -52,7 +52,7 @@ def shipped_selector_dir() -> str:
     return os.path.join(ASSETS, "selector")
 
 
-BUILD_QUANT = "python train/calibrate.py --method mse --out qlip_jax/assets/quant"
+BUILD_QUANT = "python train/calibrate.py --method qdiff --out qlip_jax/assets/quant"
 BUILD_SELECTOR = ("python train/train_selector.py --quant qlip_jax/assets/quant --work runs/selector "
                   "--out qlip_jax/assets/selector")
 

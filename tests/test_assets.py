@@ -33,3 +33,24 @@ def test_shipped_parser_reads_held_out_scenes():
     print(figures)
     assert figures["pair_macro_f1"] >= 0.95, figures
     assert figures["background_acc"] >= 0.95 and figures["count_acc"] >= 0.9, figures
+
+
+def test_shipped_quantizer_and_selector_belong_to_the_shipped_model():
+    from qlip_jax.evaluation import same_setup
+    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.selector.selector import Selector
+
+    sd = load_stable_diffusion(default_model_dir())
+    quant, info = load_quant_setup(os.path.join(ASSETS, "quant"),
+                                   model_fingerprint(sd.configs.unet, sd.params["unet"]))
+    assert info["method"] == "qdiff" and quant.config.weight_bits == 4
+    sel = Selector.load(os.path.join(ASSETS, "selector"), sd)
+    assert same_setup(sel.quant, quant)          # the selector was trained on the shipped quantizer
+    pipe = Text2Image(sd, "ddim", steps=25, quant=quant)
+    q, sched = sel.predict(pipe, pipe.encode(["a shape", "a large striped red star at the top left and a "
+                                              "small blue circle at the bottom right on a yellow background"]))
+    T, L = pipe.num_steps, len(quant.registry)
+    assert sched.shape == (2, T, L) and np.all((0 <= q) & (q <= 1))
+    cfg = sel.q2b.config
+    assert set(np.unique(sched)) <= {cfg.low, cfg.med, cfg.high}
+    assert np.all(sched[:, :cfg.first_fp_steps] != cfg.low)      # p_q = 1 in the first steps: never b_low
