@@ -142,3 +142,42 @@ def test_q2b_checkpoints_resume_only_the_same_problem():
               q2b_run_name(build_parser().parse_args(base), {**qinfo, "method": "ptqd"}),
               q2b_run_name(build_parser().parse_args(base), {**qinfo, "minutes": 5.2})]
     assert len({name, *others}) == 1 + len(others)
+
+
+def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
+    """With a PTQD base quantizer the loss compares float with the output the sampler uses,
+    (eps_Q - b_t) / (1 + k_t), the step's tables picked per row."""
+    from qlip_jax.quant.ptqd import PTQDCorrection
+    from qlip_jax.quant.state import QuantArgs, QuantSetup
+    from qlip_jax.selector.training import choice_to_candidates, guided_eps
+
+    qpipe, quant, cfg, batch = setup
+    S, K, C = cfg.num_steps, CONFIG.num_quantized, batch["x_fp"].shape[-1]
+    k = np.repeat(0.25 * np.arange(1, S + 1, dtype=np.float32)[:, None], K, axis=1)        # [S, K]
+    bias = np.broadcast_to(0.05 * np.arange(C, dtype=np.float32), (S, K, C)).copy()       # [S, K, C]
+    zeros = np.zeros((S, K), np.float32)
+    corr = PTQDCorrection(jnp.asarray(qpipe.sched.timesteps, jnp.int32), jnp.asarray(k), jnp.asarray(bias),
+                          jnp.asarray(zeros), jnp.asarray(zeros), jnp.asarray(zeros))
+    with_ptqd = QuantSetup(quant.config, quant.registry, quant.state, quant.info, ptqd=corr)
+    q2b = Q2B(cfg)
+    params = q2b.init(jax.random.key(0), jnp.zeros((1,)), S)["params"]
+    probs_fn = lambda p, q: q2b.apply({"params": p}, q, S)                                   # noqa: E731
+    unet, unet_params = qpipe.unet, qpipe.sd.params["unet"]
+    make = lambda setup_: make_q2b_loss(unet, unet_params, setup_, probs_fn, ste_onehot,   # noqa: E731
+                                        lambda probs: 0.0, cfg.low, cfg.med, cfg.high, 0.0)
+    _, plain = make(quant)(params, batch)
+    _, corrected = make(with_ptqd)(params, batch)
+
+    probs = probs_fn(params, batch["q"])
+    p_t = probs[jnp.arange(probs.shape[0]), batch["step"]]
+    mix = choice_to_candidates(ste_onehot(p_t), cfg.low, cfg.med, cfg.high, K)
+    step2 = jnp.concatenate([batch["step"], batch["step"]])
+    q = QuantArgs.from_mix(quant.state, jnp.concatenate([mix, mix]), quant.registry.names, CONFIG, step=step2)
+    args = (batch["t"], batch["cond"], batch["uncond"], batch["guidance"])
+    eps_fp = np.asarray(guided_eps(unet, unet_params, batch["x_fp"], *args, None))
+    eps_q = np.asarray(guided_eps(unet, unet_params, batch["x_hat"], *args, q))
+    s = np.asarray(batch["step"])
+    expected = (eps_q - bias[s, 0][:, None, None, :]) / (1.0 + k[s, 0])[:, None, None, None]
+    np.testing.assert_allclose(float(plain["mse"]), np.mean((eps_fp - eps_q) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(float(corrected["mse"]), np.mean((eps_fp - expected) ** 2), rtol=1e-5)
+    assert abs(float(corrected["mse"]) - float(plain["mse"])) > 1e-3 * float(plain["mse"])

@@ -274,6 +274,13 @@ def check_sampler(corr: PTQDCorrection, sched: schedulers.Scheduler) -> None:
             f"correction with dataclasses.replace(setup, ptqd=None)")
 
 
+def mac_shares(registry: Registry) -> np.ndarray:
+    """float32 ``[L]``: each quantized layer's share of the UNet's MACs (sums to 1), the weights that
+    mix the per-candidate tables of rows whose layers run at different widths."""
+    macs = np.asarray(registry.macs(), np.float64)
+    return (macs / macs.sum()).astype(np.float32)
+
+
 def candidate_weights(idx: jax.Array, mac_share: jax.Array, num_quantized: int) -> jax.Array:
     """``[B, K]`` MAC share of each quantized candidate in the rows of ``idx [B, L]``
     (``mac_share [L]`` sums to 1; full-precision layers, index ``K``, count nowhere)."""

@@ -95,8 +95,7 @@ class Text2Image:
         self._ptqd = quant is not None and quant.ptqd is not None
         if self._ptqd:
             ptqd.check_sampler(quant.ptqd, self.sched)
-            macs = quant.registry.macs()
-            self._mac_share = (macs / macs.sum()).astype(np.float32)
+            self._mac_share = ptqd.mac_shares(quant.registry)
         self.trace_count = 0  # incremented each time the sampling function is traced (tests)
         self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._sample = jax.jit(self._sample_impl, static_argnames="keep_trajectory")

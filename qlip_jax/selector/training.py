@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs
 
 
@@ -78,8 +79,13 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
     ``x_fp, x_hat [B, h, w, c]``, ``cond, uncond [B, M, D]``, ``guidance [B]``.
     ``probs_fn(params, q) -> [B, T, L, 3]``; ``ste_fn(probs) -> [.., 3]`` straight-through one-hot;
     ``penalty_fn(probs) -> scalar`` the bit penalty.
+
+    With a PTQD base quantizer (``quant.ptqd``) the quantized output is corrected as the sampler
+    corrects it (:func:`qlip_jax.quant.ptqd.correct_output`, the tables mixed by each row's MAC share
+    per candidate, through the straight-through choice), so Q2B learns against what sampling runs.
     """
     cfg, names, state = quant.config, quant.registry.names, quant.state
+    share = None if quant.ptqd is None else jnp.asarray(ptqd.mac_shares(quant.registry))
 
     def loss_fn(params, batch):
         probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
@@ -92,6 +98,9 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
                             batch["guidance"], None)
         eps_q = guided_eps(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
                            batch["guidance"], q)
+        if share is not None:
+            weights = jnp.einsum("blk,l->bk", mix, share)                     # [B, K]
+            eps_q = ptqd.correct_output(quant.ptqd, batch["step"], weights, eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
         pen = penalty_fn(probs)
         loss = mse + lambda_bit * pen
