@@ -80,10 +80,8 @@ def main(argv=None) -> int:
                                     args.keep_steps)
     print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
           f"A{config.act_bits} ...", file=sys.stderr)
-    opts = {} if args.init is None else {"init": args.init}
-    if args.method == "qdiff" or (args.method == "ptqd" and args.init in (None, "qdiff")):
-        opts["progress"] = True                     # the block reconstruction is the long part
-    setup = calibrate(pipe, config, data, args.method, **opts)
+    setup = calibrate(pipe, config, data, args.method, progress=True,
+                      **({} if args.init is None else {"init": args.init}))
     meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
             "scheduler": args.scheduler, "steps": args.steps,
             "guidance": args.guidance, "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,

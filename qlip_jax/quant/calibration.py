@@ -335,7 +335,7 @@ def tdq_state(unet, params: dict, registry: Registry, config: QuantConfig, data:
 
 
 def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "minmax", *,
-              split_concat: bool = True, batch_size: int = 32, **opts) -> QuantSetup:
+              split_concat: bool = True, batch_size: int = 32, progress: bool = False, **opts) -> QuantSetup:
     """A :class:`QuantSetup` for ``pipe``'s UNet by one of :data:`METHODS`.
 
     Args:
@@ -347,12 +347,13 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
       split_concat: separate activation quantizers for the two halves of the up blocks'
         ``[hidden, skip]`` concatenations.
       batch_size: UNet batch of the statistics passes.
+      progress: a progress bar over the ``qdiff`` block reconstruction (also when ``ptqd`` runs it).
       **opts: ``tdq``: ``clip`` (``"mse"`` or ``"percentile"``). ``qdiff``: ``init`` (the starting
         state's method, default ``"mse"``; ``"tdq"`` refines a step table; or an already calibrated
         :class:`QuantSetup` of the same config and model, e.g. an ``mse`` one) and the fields of
         :class:`~qlip_jax.quant.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
         ``lr_weight``, ``lr_act``, ``reg_weight``, ``warmup``, ``beta_start``, ``beta_end``,
-        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``, ``progress``). ``ptqd``: ``init`` (the base
+        ``learn_weights``, ``learn_act``, ``seed``, ``log_every``). ``ptqd``: ``init`` (the base
         quantizer: a method name, default ``"qdiff"``, or a calibrated :class:`QuantSetup`, e.g. a
         ``qdiff`` one to skip its reconstruction), ``pixels`` (output pixels per row in the fit), and
         the options of the ``init`` method.
@@ -362,11 +363,11 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
     if method not in METHODS:
         raise ValueError(f"unknown clipping method '{method}'; methods are {METHODS}")
     if method == "ptqd":
-        return _calibrate_ptqd(pipe, config, data, split_concat, batch_size, **opts)
+        return _calibrate_ptqd(pipe, config, data, split_concat, batch_size, progress, **opts)
     allowed = {"tdq": {"clip"}, "qdiff": None}.get(method, set())
     if method == "qdiff":
         from qlip_jax.quant.reconstruction import ReconOptions
-        allowed = {"init", "clip"} | {f.name for f in dataclasses.fields(ReconOptions)}
+        allowed = {"init", "clip"} | {f.name for f in dataclasses.fields(ReconOptions)} - {"progress"}
     unknown = set(opts) - allowed
     if unknown:
         raise TypeError(f"calibrate(method='{method}') got unknown option(s) {sorted(unknown)}; "
@@ -375,8 +376,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
                              config.quantize_attn_matmul)
     unet, params = pipe.unet, pipe.sd.params["unet"]
     splits = model_splits(pipe, data.context.shape[1:]) if split_concat else {}
-    info = {"method": method, "split_concat": bool(split_concat),
-            **{k: v for k, v in opts.items() if k != "progress"}}
+    info = {"method": method, "split_concat": bool(split_concat), **opts}
 
     def base(m, **kw):
         if m == "minmax":
@@ -401,7 +401,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
             start = base(init, clip=clip)
         else:
             raise ValueError(f"qdiff init must be minmax, percentile, mse, tdq or a QuantSetup, got {init!r}")
-        state, log = reconstruct(unet, params, registry, config, start, data, ReconOptions(**opts))
+        state, log = reconstruct(unet, params, registry, config, start, data, ReconOptions(**opts, progress=progress))
         info["reconstruction"] = log
     else:
         state = base(method, **opts)
@@ -409,7 +409,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
 
 
 def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_concat: bool, batch_size: int,
-                    init="qdiff", pixels: int | None = None, **opts) -> QuantSetup:
+                    progress: bool, init="qdiff", pixels: int | None = None, **opts) -> QuantSetup:
     """``calibrate(method="ptqd")``: the ``init`` quantizer, then the PTQD correction on ``data``."""
     from qlip_jax.quant import ptqd
 
@@ -423,7 +423,8 @@ def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_conc
             raise ValueError("ptqd init setup was calibrated for another quant config or model layout")
         base = init
     elif init in METHODS and init != "ptqd":
-        base = calibrate(pipe, config, data, init, split_concat=split_concat, batch_size=batch_size, **opts)
+        base = calibrate(pipe, config, data, init, split_concat=split_concat, batch_size=batch_size,
+                         progress=progress, **opts)
     else:
         raise ValueError(f"ptqd init must be one of {tuple(m for m in METHODS if m != 'ptqd')} or a "
                          f"QuantSetup, got {init!r}")
