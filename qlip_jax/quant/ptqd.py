@@ -281,11 +281,15 @@ def mac_shares(registry: Registry) -> np.ndarray:
     return (macs / macs.sum()).astype(np.float32)
 
 
+def mix_weights(mix: jax.Array, mac_share: jax.Array) -> jax.Array:
+    """``[B, K]`` MAC share of each quantized candidate, from each layer's weights over the candidates
+    ``mix [B, L, K]`` (one-hot rows, or Q2B's straight-through choice); ``mac_share [L]`` sums to 1."""
+    return jnp.einsum("blk,l->bk", mix.astype(jnp.float32), jnp.asarray(mac_share, jnp.float32))
+
+
 def candidate_weights(idx: jax.Array, mac_share: jax.Array, num_quantized: int) -> jax.Array:
-    """``[B, K]`` MAC share of each quantized candidate in the rows of ``idx [B, L]``
-    (``mac_share [L]`` sums to 1; full-precision layers, index ``K``, count nowhere)."""
-    onehot = jax.nn.one_hot(idx, num_quantized + 1, dtype=jnp.float32)[..., :num_quantized]
-    return jnp.einsum("blk,l->bk", onehot, jnp.asarray(mac_share, jnp.float32))
+    """:func:`mix_weights` of the rows of ``idx [B, L]`` (full-precision layers, index ``K``, count nowhere)."""
+    return mix_weights(jax.nn.one_hot(idx, num_quantized + 1, dtype=jnp.float32)[..., :num_quantized], mac_share)
 
 
 def _at(table: jax.Array, step: jax.Array, weights: jax.Array) -> jax.Array:

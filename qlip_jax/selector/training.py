@@ -85,7 +85,7 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
     per candidate, through the straight-through choice), so Q2B learns against what sampling runs.
     """
     cfg, names, state = quant.config, quant.registry.names, quant.state
-    share = None if quant.ptqd is None else jnp.asarray(ptqd.mac_shares(quant.registry))
+    share = None if quant.ptqd is None else ptqd.mac_shares(quant.registry)
 
     def loss_fn(params, batch):
         probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
@@ -99,8 +99,7 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
         eps_q = guided_eps(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
                            batch["guidance"], q)
         if share is not None:
-            weights = jnp.einsum("blk,l->bk", mix, share)                     # [B, K]
-            eps_q = ptqd.correct_output(quant.ptqd, batch["step"], weights, eps_q)
+            eps_q = ptqd.correct_output(quant.ptqd, batch["step"], ptqd.mix_weights(mix, share), eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
         pen = penalty_fn(probs)
         loss = mse + lambda_bit * pen
