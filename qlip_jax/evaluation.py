@@ -135,7 +135,7 @@ def load_methods(sd, quant_dirs=(), selector_dirs=(), settings=None) -> list[Met
             methods.append(Method(name, UNIFORM, f"uniform {base}", setup, a, source=folder))
     for folder in selector_dirs:
         sel = Selector.load(folder, sd)
-        tags = [f"{sel.info['base_method']}" if sel.info.get("base_method") else None,
+        tags = [sel.info.get("base_method"),
                 f"lambda {sel.info['lambda_bit']}" if sel.info.get("lambda_bit") is not None else None,
                 sel.info.get("ablation") if sel.info.get("ablation") not in (None, "full") else None]
         tags = [t for t in tags if t]

@@ -124,23 +124,27 @@ def _flat(tree, prefix=""):
     return out
 
 
-def test_q2b_checkpoints_resume_only_the_same_problem():
+def test_q2b_checkpoints_resume_only_the_same_problem(setup):
     """A Q2B run in a shared --work folder resumes only a run with the same quantizer and settings."""
+    import dataclasses
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
     from train_selector import build_parser, q2b_run_name
 
+    quant = setup[1]
     base = ["--quant", "q", "--work", "w", "--out", "o"]
-    qinfo = {"model_fingerprint": "abc", "method": "qdiff", "command": "calibrate --method qdiff", "minutes": 5.1}
-    name = q2b_run_name(build_parser().parse_args(base), qinfo)
-    assert name == q2b_run_name(build_parser().parse_args(base), dict(qinfo))
+    name = q2b_run_name(build_parser().parse_args(base), quant, "qdiff")
+    copy = dataclasses.replace(quant, state=jax.tree.map(np.array, quant.state), info={"moved": True})
+    assert name == q2b_run_name(build_parser().parse_args(base), copy, "qdiff")   # same arrays, other object
     assert name.startswith("q2b-qdiff-full-lam")
-    others = [q2b_run_name(build_parser().parse_args(base + ["--lambda-bit", "0.5"]), qinfo),
-              q2b_run_name(build_parser().parse_args(base + ["--ablation", "pq"]), qinfo),
-              q2b_run_name(build_parser().parse_args(base + ["--macs-weighted"]), qinfo),
-              q2b_run_name(build_parser().parse_args(base), {**qinfo, "method": "ptqd"}),
-              q2b_run_name(build_parser().parse_args(base), {**qinfo, "minutes": 5.2})]
+    first = quant.registry.names[0]
+    rescaled = {**quant.state, first: {**quant.state[first], "a_scale": quant.state[first]["a_scale"] * 1.01}}
+    others = [q2b_run_name(build_parser().parse_args(base + ["--lambda-bit", "0.5"]), quant, "qdiff"),
+              q2b_run_name(build_parser().parse_args(base + ["--ablation", "pq"]), quant, "qdiff"),
+              q2b_run_name(build_parser().parse_args(base + ["--macs-weighted"]), quant, "qdiff"),
+              q2b_run_name(build_parser().parse_args(base), quant, "ptqd"),
+              q2b_run_name(build_parser().parse_args(base), dataclasses.replace(quant, state=rescaled), "qdiff")]
     assert len({name, *others}) == 1 + len(others)
 
 

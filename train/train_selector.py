@@ -120,16 +120,18 @@ def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bou
     return targets, trajs
 
 
-def q2b_run_name(args, quant_info: dict) -> str:
-    """Checkpoint folder of one Q2B problem: a run resumes only a run with the same quantizer and settings
-    (labels, which depend on the float model alone, are shared by all runs in ``--work``)."""
+def q2b_run_name(args, quant, method: str | None) -> str:
+    """Checkpoint folder of one Q2B problem: a run resumes only a run with the same settings on the same
+    quantizer (its config, state and PTQD tables, digested), wherever that quantizer is stored. Labels,
+    which depend on the float model alone, are shared by all runs in ``--work``."""
     key = {k: getattr(args, k) for k in ("quality", "train_prompts", "scheduler", "steps", "guidance", "pooling",
                                         "t2q_hidden", "t2q_steps", "t2q_lr", "bits", "group_size",
                                         "first_fp_steps", "ablation", "lambda_bit", "macs_weighted", "trajectory",
                                         "q2b_lr", "batch", "rows_per_prompt", "size", "seed")}
-    key["quant"] = {k: quant_info.get(k) for k in ("model_fingerprint", "method", "init", "command", "minutes")}
+    tables = {"state": quant.state, "ptqd": {} if quant.ptqd is None else quant.ptqd.to_dict()}
+    key["quant"] = model_fingerprint(quant.config, tables)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"q2b-{quant_info.get('method', 'quant')}-{args.ablation}-lam{args.lambda_bit}-{digest}"
+    return f"q2b-{method or 'quant'}-{args.ablation}-lam{args.lambda_bit}-{digest}"
 
 
 def main(argv=None) -> int:
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
                             low, med, high, args.lambda_bit)
     tx = optax.adam(args.q2b_lr)
     state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
-    ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant_info)))
+    ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"))))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"[selector] Q2B resumed at iteration {int(state['step'])}", file=sys.stderr)

@@ -25,7 +25,8 @@ from qlip_jax.training.checkpoint import Checkpointer
 
 
 def model_fingerprint(unet_config, unet_params: dict) -> str:
-    """Short hex digest of a UNet: its config and the bytes of every parameter, in path order."""
+    """Short hex digest of a UNet: its config and the bytes of every parameter, in path order (any
+    config with ``to_dict`` and nested dict of arrays: train_selector digests a quantizer with it)."""
     h = hashlib.sha256(json.dumps(unet_config.to_dict(), sort_keys=True).encode())
     for path, value in sorted(flat_leaves(unet_params).items()):
         h.update("/".join(path).encode())
