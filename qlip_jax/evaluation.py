@@ -135,14 +135,24 @@ def load_methods(sd, quant_dirs=(), selector_dirs=(), settings=None) -> list[Met
             methods.append(Method(name, UNIFORM, f"uniform {base}", setup, a, source=folder))
     for folder in selector_dirs:
         sel = Selector.load(folder, sd)
-        tags = [sel.info.get("base_method"),
-                f"lambda {sel.info['lambda_bit']}" if sel.info.get("lambda_bit") is not None else None,
-                sel.info.get("ablation") if sel.info.get("ablation") not in (None, "full") else None]
-        tags = [t for t in tags if t]
-        name = _unique(f"QLIP ({', '.join(tags)})" if tags else "QLIP", taken, folder)
+        label, family = qlip_label(sel.info)
+        name = _unique(label, taken, folder)
         taken.add(name)
-        methods.append(Method(name, QLIP, "QLIP", sel.quant, selector=sel, source=folder))
+        methods.append(Method(name, QLIP, family, sel.quant, selector=sel, source=folder))
     return methods
+
+
+def qlip_label(info: dict) -> tuple[str, str]:
+    """A selector's row name and plot series from its recorded info: ``("QLIP (qdiff, lambda 0.05,
+    pq_pm)", "QLIP qdiff, pq_pm")``. Selectors differing only in lambda share a series (the sweep's
+    curve); each Q2B ablation and each base method is a series of its own."""
+    base = info.get("base_method")
+    ablation = info.get("ablation") if info.get("ablation") not in (None, "full") else None
+    lam = f"lambda {info['lambda_bit']}" if info.get("lambda_bit") is not None else None
+    tags = [t for t in (base, lam, ablation) if t]
+    name = f"QLIP ({', '.join(tags)})" if tags else "QLIP"
+    family = " ".join(["QLIP"] + [", ".join(t for t in (base, ablation) if t)]).strip()
+    return name, family
 
 
 def same_setup(a: QuantSetup, b: QuantSetup) -> bool:

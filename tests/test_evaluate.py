@@ -16,7 +16,8 @@ from tiny_qlip import ACT_BITS, STEPS, tiny_quant_dir, tiny_selector_dir  # noqa
 
 from qlip_jax.data.scenes import prompt_set
 from qlip_jax.evaluation import (
-    FP, QLIP, UNIFORM, Evaluation, Reference, load_methods, parse_setting, reference_stats, same_setup,
+    FP, QLIP, UNIFORM, Evaluation, Reference, load_methods, parse_setting, qlip_label, reference_stats,
+    same_setup,
 )
 from qlip_jax.metrics.fid import FeatureStats, fid_features_vs_stats, fid_from_features, frechet_distance, load_stats
 from qlip_jax.quant.registry import average_act_bits
@@ -53,6 +54,16 @@ def _moments(x):
     return s.mean, s.cov
 
 
+def test_qlip_label_series():
+    """Lambda points of one base share a Pareto series; ablations and other bases get their own."""
+    assert qlip_label({"base_method": "qdiff", "lambda_bit": 0.05, "ablation": "full"}) == \
+        ("QLIP (qdiff, lambda 0.05)", "QLIP qdiff")
+    assert qlip_label({"base_method": "qdiff", "lambda_bit": 0.2}) == ("QLIP (qdiff, lambda 0.2)", "QLIP qdiff")
+    assert qlip_label({"base_method": "ptqd", "lambda_bit": 0.01, "ablation": "pq_pm"}) == \
+        ("QLIP (ptqd, lambda 0.01, pq_pm)", "QLIP ptqd, pq_pm")
+    assert qlip_label({}) == ("QLIP", "QLIP")
+
+
 def test_parse_setting():
     assert parse_setting("W4A8") == (4, 8) and parse_setting(" w8a16 ") == (8, 16)
     assert parse_setting("int4") is None and parse_setting("w4") is None
@@ -63,6 +74,7 @@ def test_methods_rows_values_and_self_fid(tiny_sd, tiny_quant_dir, tiny_selector
     assert [m.name for m in methods] == ["FP", "W4A4 (minmax)", "W4A6 (minmax)", "W4A8 (minmax)",
                                          "QLIP (lambda 0.1)"]
     assert [m.kind for m in methods] == [FP, UNIFORM, UNIFORM, UNIFORM, QLIP]
+    assert [m.family for m in methods] == ["FP"] + ["uniform minmax"] * 3 + ["QLIP"]
     assert same_setup(methods[1].quant, methods[-1].quant)            # the selector's quant/ is a copy
     only = load_methods(tiny_sd, [tiny_quant_dir], [], ["W4A6"])
     assert [m.name for m in only] == ["FP", "W4A6 (minmax)"]
