@@ -8,7 +8,7 @@ job, FP vs uniform precisions vs QLIP on held-out prompts (FID, sFID, domain FID
 BitOPs, FAB), a report and figures (:mod:`qlip_jax.evaluation`).
 
 Without ``--model`` the embedded miniature Stable Diffusion shipped in the package is used, with the
-quantizer state (``assets/quant``) and selector (``assets/selector``) trained for it.
+selector (``assets/selector``) trained for it and the quantizer state it was trained on (its ``quant/``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,6 @@ def _parse_precision(text: str):
                      f"got '{text}'")
 
 
-def shipped_quant_dir() -> str:
-    """``qlip_jax/assets/quant``: the quantizer state calibrated for the embedded model."""
-    from qlip_jax.assets import ASSETS
-
-    return os.path.join(ASSETS, "quant")
-
-
 def shipped_selector_dir() -> str:
     """``qlip_jax/assets/selector``: the QLIP selector trained for the embedded model."""
     from qlip_jax.assets import ASSETS
@@ -52,9 +45,14 @@ def shipped_selector_dir() -> str:
     return os.path.join(ASSETS, "selector")
 
 
-BUILD_QUANT = "python train/calibrate.py --method qdiff --out qlip_jax/assets/quant"
-BUILD_SELECTOR = ("python train/train_selector.py --quant qlip_jax/assets/quant --work runs/selector "
-                  "--out qlip_jax/assets/selector")
+def shipped_quant_dir() -> str:
+    """``qlip_jax/assets/selector/quant``: the quantizer state calibrated for the embedded model, the
+    one the shipped selector was trained on (stored once, in the selector folder)."""
+    return os.path.join(shipped_selector_dir(), "quant")
+
+
+BUILD_SELECTOR = ("python train/calibrate.py --method qdiff --out runs/quant/qdiff && python "
+                  "train/train_selector.py --quant runs/quant/qdiff --work runs/selector --out qlip_jax/assets/selector")
 
 
 def _require_selector(folder: str | None) -> str:
@@ -75,8 +73,8 @@ def _require_quant(folder: str | None) -> str:
     if not os.path.isdir(path):
         if folder:
             raise SystemExit(f"error: no quantizer state at {folder}; make one with train/calibrate.py")
-        raise SystemExit(f"error: the shipped quantizer state is missing ({path}); build it with `{BUILD_QUANT}`, "
-                         "or pass --quant DIR")
+        raise SystemExit(f"error: the shipped quantizer state is missing ({path}); it comes with the selector, "
+                         f"built by `{BUILD_SELECTOR}`; or pass --quant DIR")
     return path
 
 
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--selector", default=None, help="QLIP selector folder for --precision qlip "
                                                     "(default: the shipped qlip_jax/assets/selector)")
     s.add_argument("--quant", default=None, help="quantizer state for wXaY / schedules (default: the shipped "
-                                                 "qlip_jax/assets/quant if it fits, else min-max calibration)")
+                                                 "selector's quantizer if it fits, else min-max calibration)")
     s.add_argument("--weight-bits", type=int, default=4, help="weights for a .npy schedule")
     s.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10],
                    help="candidate activation bits a .npy schedule indexes")
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the main job: FP vs uniform precisions vs QLIP on held-out prompts, "
                                     "with a report and figures (about 6 minutes on 2 idle CPU cores)")
     d.add_argument("--quant", action="append", default=None, metavar="DIR",
-                   help="base quantizer state for the uniform rows (default: qlip_jax/assets/quant); repeat")
+                   help="base quantizer state for the uniform rows (default: the shipped selector's quant/); repeat")
     d.add_argument("--selector", action="append", default=None, metavar="DIR",
                    help="QLIP selector (default: qlip_jax/assets/selector); repeat")
     add_arguments(d, n=128, out="qlip-demo")

@@ -41,11 +41,13 @@ def test_shipped_quantizer_and_selector_belong_to_the_shipped_model():
     from qlip_jax.selector.selector import Selector
 
     sd = load_stable_diffusion(default_model_dir())
-    quant, info = load_quant_setup(os.path.join(ASSETS, "quant"),
+    from qlip_jax.cli import shipped_quant_dir
+
+    quant, info = load_quant_setup(shipped_quant_dir(),
                                    model_fingerprint(sd.configs.unet, sd.params["unet"]))
     assert info["method"] == "qdiff" and quant.config.weight_bits == 4
     sel = Selector.load(os.path.join(ASSETS, "selector"), sd)
-    assert same_setup(sel.quant, quant)          # the selector was trained on the shipped quantizer
+    assert same_setup(sel.quant, quant)          # the demo's uniform rows use the selector's quantizer
     pipe = Text2Image(sd, "ddim", steps=25, quant=quant)
     q, sched = sel.predict(pipe, pipe.encode(["a shape", "a large striped red star at the top left and a "
                                               "small blue circle at the bottom right on a yellow background"]))
