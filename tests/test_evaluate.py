@@ -217,3 +217,39 @@ def test_level_table_reports_bits_per_level_and_their_correlations():
                         {"fab": np.full(40, 8.0), "quality": quality}, {})
     assert level_table([fp, flat], records).splitlines()[-1].endswith("| n/a | n/a |")
     assert level_table([fp], records) == ""
+
+
+ALIGNMENT = os.path.join(os.path.dirname(__file__), "..", "eval", "alignment.py")
+
+
+def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
+    """The table's columns agree with the per-prompt file; the shipped VAE's round trip keeps what the
+    parser reads of real scenes (the ceiling column), a random tiny VAE's does not."""
+    import json
+
+    from qlip_jax.assets import default_model_dir
+    from qlip_jax.data.scenes import render, scene_of
+    from qlip_jax.metrics.scoring import alignment
+    from qlip_jax.models.sd import load_stable_diffusion
+
+    program = runpy.run_path(ALIGNMENT)
+    out = tmp_path / "align"
+    assert program["main"](["--model", tiny_sd_dir, "--n", "10", "--steps", "2", "--batch", "5",
+                            "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 10 + 3
+    with open(out / "scores.json") as f:
+        per = json.load(f)
+    assert len(per) == 10 and all(0 <= p["alignment"] <= 1 and 0 <= p["vae_round_trip"] <= 1 for p in per)
+    everything = [c.strip() for c in rows[-1]]
+    assert everything[:3] == ["all", "all", "10"]
+    assert float(everything[3]) == pytest.approx(np.mean([p["alignment"] for p in per]), abs=5e-4)
+    assert float(everything[4]) == pytest.approx(np.mean([p["objects_found"] == 0 for p in per]), abs=5e-3)
+    assert float(everything[5]) == pytest.approx(np.mean([p["vae_round_trip"] for p in per]), abs=5e-4)
+
+    records = prompt_set("eval")[:8]
+    real = np.stack([render(scene_of(r)) for r in records])
+    shipped = program["vae_round_trip"](load_stable_diffusion(default_model_dir()), real, 4)
+    assert shipped.shape == real.shape and shipped.dtype == np.uint8
+    assert np.mean(alignment(parser, records, shipped)) >= 0.7
+    assert np.mean([p["vae_round_trip"] for p in per]) < 0.7
