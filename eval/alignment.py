@@ -2,9 +2,9 @@
 
     python eval/alignment.py --n 200 --out runs/alignment
 
-Samples the first ``--n`` prompts of the evaluation set (held out from training), parses every image
-with the scene parser, and scores it against what its caption states
-(:func:`qlip_jax.metrics.parser.alignment_score`). Prints a markdown table (mean alignment per caption
+Samples the first ``--n`` prompts of the evaluation set (held out from training; ``--split train``: of
+the training prompts), parses every image with the scene parser, and scores it against what its caption
+states (:func:`qlip_jax.metrics.parser.alignment_score`). Prints a markdown table (mean alignment per caption
 level, for single- and multi-object prompts) and writes ``table.md``, ``scores.json`` and a grid PNG.
 
 Two reference columns tell the model's failures from the measure's limits: the share of samples in
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--split", default="eval", choices=["eval", "train"],
+                   help="prompt set: held-out evaluation prompts, or training prompts (to tell under-fitting "
+                        "from over-fitting)")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps)
-    records = prompt_set("eval")[:args.n]
+    records = prompt_set(args.split)[:args.n]
     images = sample_records(pipe, records, args.guidance, args.seed, args.batch, desc="sampling")
     parsed = parser.parse(images)
     scores = [alignment_score(r.caption, s) for r, s in zip(records, parsed)]
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
         return f"| {objects} | {level} | {len(idx)} | {mean(scores):.3f} | {mean(empty):.2f} | {mean(vae_scores):.3f} |"
 
     lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps, guidance {args.guidance}, "
-             f"first {len(records)} eval prompts, seeds {args.seed}+i", "",
+             f"first {len(records)} {args.split} prompts, seeds {args.seed}+i", "",
              "| objects | caption level | prompts | mean alignment | samples with no object | VAE round trip |",
              "|---|---|---|---|---|---|"]
     for single in (True, False):
