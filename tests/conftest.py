@@ -7,8 +7,27 @@ import os
 # Tests run on the CPU, deterministic and in float32.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test session, empty at the start.
+
+    Several tests run a real program more than once (an interrupted run, its resume, an uninterrupted
+    run); each call builds its jitted functions afresh, and the cache lets the second and third calls
+    reuse the first call's executables instead of compiling them again. Trace counts, which the
+    compile-once tests assert on, are unaffected: tracing happens before the cache is consulted.
+    """
+    import jax
+
+    cache = tempfile.mkdtemp(prefix="qlip-jax-xla-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def perturb_(module, scale: float = 0.05, seed: int = 0) -> None:
