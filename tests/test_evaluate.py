@@ -236,11 +236,23 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
     out = tmp_path / "align"
     assert program["main"](["--model", tiny_sd_dir, "--n", "10", "--steps", "2", "--batch", "5",
                             "--out", str(out)]) == 0
-    rows = [line.split("|")[1:-1] for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    table, by_size = (out / "table.md").read_text().rstrip().rsplit("\n\n", 1)
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 10 + 3
     with open(out / "scores.json") as f:
         per = json.load(f)
     assert len(per) == 10 and all(0 <= p["alignment"] <= 1 and 0 <= p["vae_round_trip"] <= 1 for p in per)
+    # by stated size: each single-object prompt in exactly one row, means agree with the per-prompt file
+    size_rows = {r[0].strip(): r[1:] for r in (line.split("|")[1:-1] for line in by_size.splitlines()[1:]
+                                                if line.startswith("| ") and "---" not in line)}
+    assert set(size_rows) == {"small", "medium", "large", "not stated"}
+    single = [p for p in per if p["n_objects"] == 1]
+    assert sum(int(r[0]) for r in size_rows.values()) == len(single)
+    for label, cells in size_rows.items():
+        group = [p["alignment"] for p in single if (p["stated_sizes"][0] or "not stated") == label]
+        assert int(cells[0]) == len(group)
+        if group:
+            assert float(cells[1]) == pytest.approx(np.mean(group), abs=5e-4)
     everything = [c.strip() for c in rows[-1]]
     assert everything[:3] == ["all", "all", "10"]
     assert float(everything[3]) == pytest.approx(np.mean([p["alignment"] for p in per]), abs=5e-4)
