@@ -5,9 +5,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from qlip_jax.data.scenes import (BACKGROUNDS, COLORS, LEVELS, POSITIONS, _CELL_CENTERS, caption_is_true,
-                                  make_caption, prompt_set, render, sample_scene, scene_of, split_seeds,
-                                  training_batch)
+from qlip_jax.data.scenes import (BACKGROUNDS, COLORS, LEVELS, POSITIONS, SIZES, _CELL_CENTERS, Scene,
+                                  SceneObject, caption_is_true, make_caption, object_coverage, prompt_set,
+                                  render, sample_scene, scene_of, split_seeds, training_batch)
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
 
 
@@ -51,6 +51,28 @@ def test_captions_are_true_and_rendering_agrees():
     cap = make_caption(scene, 4, rng)
     other = next(b for b in BACKGROUNDS if b != scene.background)
     assert not caption_is_true(type(cap)(cap.text, 4, cap.objects, other, True), scene)
+
+
+def test_object_coverage_matches_the_rendered_objects():
+    """A lone solid circle covers about pi r^2 pixels, where the image shows its colour; the background
+    and the empty cells are uncovered; coverage grows with the stated size."""
+    areas = []
+    for size in SIZES:
+        scene = Scene((SceneObject("circle", "red", size, "solid", "center"),), "white", ((0.0, 0.0),))
+        cov, img = object_coverage(scene), render(scene).astype(int)
+        assert cov.shape == img.shape[:2] and cov.min() == 0.0 and cov.max() == 1.0
+        r = SIZES[size] / 2
+        assert abs(cov.sum() - np.pi * r * r) < 0.05 * np.pi * r * r, (size, cov.sum())
+        red = np.abs(img - COLORS["red"]).max(axis=-1) <= 2
+        assert np.array_equal(red, cov >= 0.99)
+        areas.append(cov.sum())
+    assert areas == sorted(areas)
+    for seed in range(20):  # several objects: union of the covers, background pixels uncovered
+        scene = sample_scene(seed)
+        cov, img = object_coverage(scene), render(scene).astype(int)
+        background = np.abs(img - BACKGROUNDS[scene.background]).max(axis=-1) == 0
+        assert (cov[background & (cov > 0)] < 0.02).all()
+        assert (cov[~background] > 0).all()
 
 
 def test_prompt_sets_stable_disjoint_and_cover_levels():

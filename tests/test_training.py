@@ -14,7 +14,7 @@ from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import configs_from_dicts, init_params
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.clip import CLIPTextModel
-from qlip_jax.training.diffusion import make_diffusion_step
+from qlip_jax.training.diffusion import diffusion_loss, make_diffusion_step
 
 
 def test_diffusion_step_lowers_loss_on_a_fixed_batch():
@@ -39,11 +39,43 @@ def test_diffusion_step_lowers_loss_on_a_fixed_batch():
     assert 0 < max(jax.tree.leaves(diff))
 
 
+def test_weighted_diffusion_loss_is_the_weighted_mean_over_cells():
+    configs = configs_from_dicts(preset("tiny"))
+    params = init_params(configs, jax.random.key(0))
+    unet, text = UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text)
+    ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
+    latents = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (2, 1))
+    key = jax.random.key(2)
+    plain, _ = diffusion_loss(unet, text, params, latents, ids, key, ac)
+    flat, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.full((2, 16, 16), 3.0))
+    np.testing.assert_allclose(float(flat), float(plain), rtol=1e-6)
+    # the per-cell squared error, computed here from the same noise and timesteps
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (2,), 0, ac.shape[0])
+    noise = jax.random.normal(k_n, latents.shape)
+    a = ac[t][:, None, None, None]
+    context, _ = text.apply({"params": params["text_encoder"]}, ids)
+    pred = unet.apply({"params": params["unet"]}, jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t, context)
+    sq = np.mean((np.asarray(pred, np.float64) - np.asarray(noise, np.float64)) ** 2, axis=-1)
+    w = np.array(jax.random.uniform(jax.random.key(3), (2, 16, 16)))
+    w[0, :8] = 0.0  # cells with zero weight do not count at all
+    weighted, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w))
+    np.testing.assert_allclose(float(weighted), np.sum(w * sq) / np.sum(w), rtol=1e-4)
+    np.testing.assert_allclose(float(plain), sq.mean(), rtol=1e-4)
+    assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
+
+
 def test_pretrain_resumes_with_identical_state(tmp_path):
+    """Interrupted + resumed equals uninterrupted, with the object-weighted loss on (its coverage cache
+    is written by the first run and read by the resume)."""
+    import json
+
     from train.pretrain import main
 
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
-              "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--quiet"]
+              "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--object-weight", "4",
+              "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -53,6 +85,9 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         a = load_file(str(tmp_path / "a_out" / part / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "b_out" / part / f"{name}.safetensors"))
         assert all(np.array_equal(a[k], b[k]) for k in a), part
+    assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
+    with open(tmp_path / "a_out" / "qlip_training.json") as f:
+        assert json.load(f)["object_weight"] == 4.0
 
 
 def test_parser_training_lowers_loss():

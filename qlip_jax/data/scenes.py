@@ -140,17 +140,31 @@ def _shape_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.
     raise ValueError(f"unknown shape '{shape}'")
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
-    """``uint8 [size, size, 3]`` image of a scene (anti-aliased; later objects drawn on top)."""
+def _object_covers(scene: Scene, size: int):
+    """Per object: ``(obj, cover [size, size] in [0, 1] (anti-aliased), y-grid, centre y, scale)``."""
     scale = size / IMAGE_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = BACKGROUNDS[scene.background]
     for obj, (jx, jy) in zip(scene.objects, scene.jitter):
         row, col = divmod(POSITIONS.index(obj.position), 3)
         cx, cy = (_CELL_CENTERS[col] + jx) * scale, (_CELL_CENTERS[row] + jy) * scale
         d = _shape_distance(obj.shape, xx - cx, yy - cy, SIZES[obj.size] * scale / 2)
-        cover = np.clip(0.5 - d, 0.0, 1.0)[..., None]
+        yield obj, np.clip(0.5 - d, 0.0, 1.0), yy, cy, scale
+
+
+def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``float32 [size, size]``: the share of each pixel covered by an object (0 = background)."""
+    free = np.ones((size, size), np.float32)
+    for _, cover, _, _, _ in _object_covers(scene, size):
+        free *= 1.0 - cover
+    return 1.0 - free
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``uint8 [size, size, 3]`` image of a scene (anti-aliased; later objects drawn on top)."""
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = BACKGROUNDS[scene.background]
+    for obj, cover, yy, cy, scale in _object_covers(scene, size):
+        cover = cover[..., None]
         color = np.asarray(COLORS[obj.color], np.float32)
         if obj.fill == "striped":  # horizontal bands of the color and its half-dark shade
             band = (np.floor((yy - cy) / (3.0 * scale)) % 2 == 1)[..., None]

@@ -6,7 +6,8 @@ Two stages, as latent diffusion is trained:
 2. the UNet and the CLIP text encoder jointly on the frozen VAE's (scaled) latents, with the
    epsilon-prediction objective ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) ||^2``,
    ``t`` uniform over the training timesteps, and caption dropout (the empty prompt) so
-   classifier-free guidance works at sampling time.
+   classifier-free guidance works at sampling time; optionally weighted per latent cell (e.g. towards
+   the cells objects cover, so a small object is not outweighed by the background).
 
 Each step is a pure function ``(state, batch, key) -> (state, metrics)``; the state is a dict of
 pytrees (params, optimizer state, EMA params, step) that the checkpointer saves whole.
@@ -51,8 +52,12 @@ def make_vae_step(vae: AutoencoderKL, tx: optax.GradientTransformation, kl_weigh
 
 
 def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array,
-                   ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array):
-    """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int."""
+                   ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array, weights: jax.Array | None = None):
+    """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int.
+
+    ``weights [B, h, w]`` (optional, >= 0): the loss is the weighted mean of the squared error over
+    cells, ``sum w * |eps - eps_theta|^2 / (c * sum w)``; all-equal weights give the plain mean.
+    """
     k_t, k_n = jax.random.split(key)
     b = latents.shape[0]
     t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
@@ -61,21 +66,23 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
     context, _ = text.apply({"params": params["text_encoder"]}, ids)
     pred = unet.apply({"params": params["unet"]}, noisy, t, context)
-    loss = jnp.mean((pred.astype(jnp.float32) - noise) ** 2)
+    sq = jnp.mean((pred.astype(jnp.float32) - noise) ** 2, axis=-1)  # [B, h, w]
+    loss = jnp.mean(sq) if weights is None else jnp.sum(weights * sq) / jnp.sum(weights)
     return loss, {"loss": loss}
 
 
 def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
                         tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float):
-    """Jitted ``(state, latents, ids, key) -> (state, metrics)``; state = {params, opt, ema, step}.
+    """Jitted ``(state, latents, ids, key, weights=None) -> (state, metrics)``; state = {params, opt, ema,
+    step}; ``weights [B, h, w]`` as in :func:`diffusion_loss`.
 
     ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
     """
 
     @jax.jit
-    def step(state, latents, ids, key):
+    def step(state, latents, ids, key, weights=None):
         grads, metrics = jax.grad(
-            lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod), has_aux=True)(
+            lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights), has_aux=True)(
             state["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
