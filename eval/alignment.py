@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     # Which words the model fails on: single-object captions by the size they state (levels 3-4 state one).
     lines += ["", "| single object, stated size | prompts | mean alignment | samples with no object | VAE round trip |",
               "|---|---|---|---|---|"]
-    lines += [row((str(size or "not stated"),), lambda r, size=size: r.n_objects == 1 and stated_size(r) == size)
+    lines += [row((size or "not stated",), lambda r, size=size: r.n_objects == 1 and stated_size(r) == size)
               for size in (*SIZES, None)]
     table = "\n".join(lines)
     print(table)

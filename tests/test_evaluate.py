@@ -249,7 +249,7 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
     single = [p for p in per if p["n_objects"] == 1]
     assert sum(int(r[0]) for r in size_rows.values()) == len(single)
     for label, cells in size_rows.items():
-        group = [p["alignment"] for p in single if (p["stated_sizes"][0] or "not stated") == label]
+        group = [p["alignment"] for p in single if ((p["stated_sizes"] or [None])[0] or "not stated") == label]
         assert int(cells[0]) == len(group)
         if group:
             assert float(cells[1]) == pytest.approx(np.mean(group), abs=5e-4)

@@ -141,33 +141,36 @@ def _shape_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.
 
 
 def _object_covers(scene: Scene, size: int):
-    """Per object: ``(obj, cover [size, size] in [0, 1] (anti-aliased), y-grid, centre y, scale)``."""
+    """Per object: ``(obj, cover [size, size] in [0, 1] (anti-aliased), dy [size, size])``, ``dy`` the
+    pixel rows' offset from the object's centre (for the stripes)."""
     scale = size / IMAGE_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     for obj, (jx, jy) in zip(scene.objects, scene.jitter):
         row, col = divmod(POSITIONS.index(obj.position), 3)
         cx, cy = (_CELL_CENTERS[col] + jx) * scale, (_CELL_CENTERS[row] + jy) * scale
-        d = _shape_distance(obj.shape, xx - cx, yy - cy, SIZES[obj.size] * scale / 2)
-        yield obj, np.clip(0.5 - d, 0.0, 1.0), yy, cy, scale
+        dy = yy - cy
+        d = _shape_distance(obj.shape, xx - cx, dy, SIZES[obj.size] * scale / 2)
+        yield obj, np.clip(0.5 - d, 0.0, 1.0), dy
 
 
 def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """``float32 [size, size]``: the share of each pixel covered by an object (0 = background)."""
     free = np.ones((size, size), np.float32)
-    for _, cover, _, _, _ in _object_covers(scene, size):
+    for _, cover, _ in _object_covers(scene, size):
         free *= 1.0 - cover
     return 1.0 - free
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """``uint8 [size, size, 3]`` image of a scene (anti-aliased; later objects drawn on top)."""
+    scale = size / IMAGE_SIZE
     img = np.empty((size, size, 3), np.float32)
     img[:] = BACKGROUNDS[scene.background]
-    for obj, cover, yy, cy, scale in _object_covers(scene, size):
+    for obj, cover, dy in _object_covers(scene, size):
         cover = cover[..., None]
         color = np.asarray(COLORS[obj.color], np.float32)
         if obj.fill == "striped":  # horizontal bands of the color and its half-dark shade
-            band = (np.floor((yy - cy) / (3.0 * scale)) % 2 == 1)[..., None]
+            band = (np.floor(dy / (3.0 * scale)) % 2 == 1)[..., None]
             color = np.where(band, color * 0.45, color)
         img = img * (1.0 - cover) + color * cover
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
