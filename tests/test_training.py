@@ -90,6 +90,29 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         assert json.load(f)["object_weight"] == 4.0
 
 
+def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):
+    """``--init-from X --init-parts vae``: X's VAE as-is, a fresh UNet and text encoder (seed 0's init)."""
+    from qlip_jax.models.sd import load_stable_diffusion
+    from train.pretrain import main
+
+    common = ["--preset", "tiny", "--init-from", tiny_sd_dir, "--vae-steps", "0", "--num-scenes", "8",
+              "--steps", "0", "--sample-every", "0", "--quiet"]
+    main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--init-parts", "vae", *common])
+    out = load_stable_diffusion(str(tmp_path / "out"))
+    fresh = init_params(configs_from_dicts(preset("tiny")), jax.random.key(0))
+    f16 = lambda tree: [np.asarray(x, np.float16) for x in jax.tree.leaves(tree)]  # the export's dtype
+    for part, want, other in (("vae", tiny_sd.params["vae"], fresh["vae"]),
+                              ("unet", fresh["unet"], tiny_sd.params["unet"]),
+                              ("text_encoder", fresh["text_encoder"], tiny_sd.params["text_encoder"])):
+        got = f16(out.params[part])
+        assert all(np.array_equal(g, w) for g, w in zip(got, f16(want))), part
+        assert not all(np.array_equal(g, o) for g, o in zip(got, f16(other))), part
+    assert out.info["init_from"]["parts"] == ["vae"]
+    with pytest.raises(ValueError, match="--init-parts leaves it out"):
+        main(["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "out2"), "--init-parts", "unet", *common])
+    assert not (tmp_path / "out2").exists()
+
+
 def test_parser_training_lowers_loss():
     net = SceneParserNet(width=8)
     scenes = [sample_scene(s) for s in range(16)]

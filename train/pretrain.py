@@ -170,6 +170,9 @@ def _same_architecture(a, b) -> bool:
     return a == b
 
 
+_PARTS = ("vae", "text_encoder", "unet")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")
@@ -199,6 +202,9 @@ def main(argv=None) -> int:
                    help="an earlier export (diffusers folder): the starting point of every part whose "
                         "config matches the preset (VAE, text encoder, UNet) instead of a random init; "
                         "with --vae-steps 0 its VAE is reused as-is (stage 1 skipped)")
+    p.add_argument("--init-parts", nargs="+", choices=_PARTS, default=list(_PARTS),
+                   help="which parts --init-from starts (e.g. 'vae' alone: a fresh UNet and text encoder "
+                        "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -217,12 +223,13 @@ def main(argv=None) -> int:
         for part, mine, theirs in (("vae", configs.vae, earlier.configs.vae),
                                    ("text_encoder", configs.text, earlier.configs.text),
                                    ("unet", configs.unet, earlier.configs.unet)):
-            if _same_architecture(mine, theirs):
+            if part in args.init_parts and _same_architecture(mine, theirs):
                 params[part] = earlier.params[part]
                 started_from[part] = args.init_from
         if "vae" not in started_from and args.vae_steps == 0:
-            raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {args.init_from} has "
-                             f"another VAE architecture than preset '{args.preset}'")
+            why = ("--init-parts leaves it out" if "vae" not in args.init_parts else
+                   f"{args.init_from} has another VAE architecture than preset '{args.preset}'")
+            raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {why}")
         print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
     if args.vae_steps > 0:
         params["vae"] = train_vae(args, configs, params["vae"], args.work)
