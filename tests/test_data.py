@@ -73,6 +73,12 @@ def test_object_coverage_matches_the_rendered_objects():
         background = np.abs(img - BACKGROUNDS[scene.background]).max(axis=-1) == 0
         assert (cov[background & (cov > 0)] < 0.02).all()
         assert (cov[~background] > 0).all()
+        # pooled to the 8x8 latent cells: each cell the mean of its 8x8 pixels
+        cells = object_coverage(scene, cells=8)
+        np.testing.assert_allclose(cells[2, 5], cov[16:24, 40:48].mean(), rtol=1e-6)
+        np.testing.assert_allclose(cells.mean(), cov.mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="must divide"):
+        object_coverage(scene, cells=7)
 
 
 def test_prompt_sets_stable_disjoint_and_cover_levels():

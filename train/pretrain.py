@@ -96,11 +96,11 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
     if os.path.isfile(path):
         coverage = np.load(path)
     else:
+        if h != w:
+            raise ValueError(f"the scenes are square; latents of {h}x{w} cells are not")
         seeds = scenes.split_seeds("train")
-        size = scenes.IMAGE_SIZE
-        coverage = np.stack([scenes.object_coverage(scenes.sample_scene(seeds[i]))
-                             .reshape(h, size // h, w, size // w).mean(axis=(1, 3))
-                             for i in tqdm(range(n), desc="coverage", disable=args.quiet)]).astype(np.float32)
+        coverage = np.stack([scenes.object_coverage(scenes.sample_scene(seeds[i]), cells=h)
+                             for i in tqdm(range(n), desc="coverage", disable=args.quiet)])
         np.save(path, coverage)
     return 1.0 + args.object_weight * coverage
 

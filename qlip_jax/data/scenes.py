@@ -153,12 +153,22 @@ def _object_covers(scene: Scene, size: int):
         yield obj, np.clip(0.5 - d, 0.0, 1.0), dy
 
 
-def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
-    """``float32 [size, size]``: the share of each pixel covered by an object (0 = background)."""
+def object_coverage(scene: Scene, size: int = IMAGE_SIZE, cells: int | None = None) -> np.ndarray:
+    """``float32 [size, size]``: the share of each pixel covered by an object (0 = background).
+
+    With ``cells``: ``[cells, cells]``, the share of each cell of a ``cells x cells`` grid (e.g. the
+    latent cells of a VAE that downsamples by ``size // cells``).
+    """
+    if cells is not None and (cells < 1 or size % cells):
+        raise ValueError(f"cells must divide the image size {size}, got {cells}")
     free = np.ones((size, size), np.float32)
     for _, cover, _ in _object_covers(scene, size):
         free *= 1.0 - cover
-    return 1.0 - free
+    cover = 1.0 - free
+    if cells is None:
+        return cover
+    k = size // cells
+    return cover.reshape(cells, k, cells, k).mean(axis=(1, 3))
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
