@@ -8,10 +8,11 @@ states (:func:`qlip_jax.metrics.parser.alignment_score`). Prints a markdown tabl
 level, for single- and multi-object prompts; then single-object prompts by the size their caption
 states) and writes ``table.md``, ``scores.json`` and a grid PNG.
 
-Two reference columns tell the model's failures from the measure's limits: the share of samples in
-which the parser finds no object at all, and the alignment of the real scenes after a round trip
-through the model's VAE (encode to the posterior mean, decode): what a perfect diffusion model over
-this VAE's latents would score.
+Reference columns tell the model's failures from the measure's limits: the share of samples in which
+the parser finds no object at all; how many objects it finds per sample against how many the prompts'
+real scenes hold (too few: objects left out; too many: extras, which captions of levels 2-4 are
+penalised for); and the alignment of the real scenes after a round trip through the model's VAE (encode
+to the posterior mean, decode): what a perfect diffusion model over this VAE's latents would score.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def vae_round_trip(sd, images: np.ndarray, batch: int) -> np.ndarray:
     fn = jax.jit(lambda p, x: to_uint8(vae.apply({"params": p}, x)))
     return np.concatenate([np.asarray(fn(sd.params["vae"], images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
                            for i in range(0, len(images), batch)])
+
+
+_COLUMNS = ("mean alignment | samples with no object | objects found per sample | objects in the real scene | "
+            "VAE round trip")
 
 
 def stated_size(record) -> str | None:
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
     parsed = parser.parse(images)
     scores = [alignment_score(r.caption, s) for r, s in zip(records, parsed)]
     empty = [float(not s.objects) for s in parsed]
+    found = [len(s.objects) for s in parsed]
+    truth = [r.n_objects for r in records]
     real = np.stack([render(scene_of(r)) for r in records])
     vae_scores = alignment(parser, records, vae_round_trip(sd, real, args.batch)).tolist()
 
@@ -78,12 +85,11 @@ def main(argv=None) -> int:
         idx = [i for i, r in enumerate(records) if keep(r)]
         mean = lambda xs: float(np.mean([xs[i] for i in idx])) if idx else float("nan")  # noqa: E731
         return (f"| {' | '.join(labels)} | {len(idx)} | {mean(scores):.3f} | {mean(empty):.2f} | "
-                f"{mean(vae_scores):.3f} |")
+                f"{mean(found):.2f} | {mean(truth):.2f} | {mean(vae_scores):.3f} |")
 
     lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps, guidance {args.guidance}, "
              f"first {len(records)} {args.split} prompts, seeds {args.seed}+i", "",
-             "| objects | caption level | prompts | mean alignment | samples with no object | VAE round trip |",
-             "|---|---|---|---|---|---|"]
+             f"| objects | caption level | prompts | {_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for single in (True, False):
         lines += [row(("single" if single else "multi", str(lvl)),
                       lambda r, lvl=lvl, single=single: r.level == lvl and (r.n_objects == 1) == single)
@@ -91,8 +97,7 @@ def main(argv=None) -> int:
     lines += [row(("single", "all"), lambda r: r.n_objects == 1), row(("multi", "all"), lambda r: r.n_objects > 1),
               row(("all", "all"), lambda r: True)]
     # Which words the model fails on: single-object captions by the size they state (levels 3-4 state one).
-    lines += ["", "| single object, stated size | prompts | mean alignment | samples with no object | VAE round trip |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"| single object, stated size | prompts | {_COLUMNS} |", "|---|---|---|---|---|---|---|"]
     lines += [row((size or "not stated",), lambda r, size=size: r.n_objects == 1 and stated_size(r) == size)
               for size in (*SIZES, None)]
     table = "\n".join(lines)

@@ -257,7 +257,10 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
     assert everything[:3] == ["all", "all", "10"]
     assert float(everything[3]) == pytest.approx(np.mean([p["alignment"] for p in per]), abs=5e-4)
     assert float(everything[4]) == pytest.approx(np.mean([p["objects_found"] == 0 for p in per]), abs=5e-3)
-    assert float(everything[5]) == pytest.approx(np.mean([p["vae_round_trip"] for p in per]), abs=5e-4)
+    assert float(everything[5]) == pytest.approx(np.mean([p["objects_found"] for p in per]), abs=5e-3)
+    assert float(everything[6]) == pytest.approx(np.mean([p["n_objects"] for p in per]), abs=5e-3)
+    assert float(rows[1][6]) == 1.0  # the first row: single-object prompts
+    assert float(everything[7]) == pytest.approx(np.mean([p["vae_round_trip"] for p in per]), abs=5e-4)
 
     records = prompt_set("eval")[:8]
     real = np.stack([render(scene_of(r)) for r in records])
@@ -265,3 +268,20 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
     assert shipped.shape == real.shape and shipped.dtype == np.uint8
     assert np.mean(alignment(parser, records, shipped)) >= 0.7
     assert np.mean([p["vae_round_trip"] for p in per]) < 0.7
+
+
+def test_caption_ambiguity_matches_the_generator(capsys):
+    """Level-1 and level-2 one-object texts coincide: by the generator's design (1-4 objects uniform,
+    levels uniform, a level-1 caption names one object at random) such a text comes from a one-object
+    scene 2/5 of the time, from a level-2 caption 1/5, from a scene of 2.2 objects on average; a perfect
+    sampler scores 0.4 + 0.2 (2/3 + 2/4 + 2/5) = 0.713 on level-2 one-object prompts."""
+    program = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "eval", "caption_ambiguity.py"))
+    levels, n = program["one_object_texts"](5000, 1)
+    assert set(levels) == {1, 2} and set(n) == {1, 2, 3, 4} and (n[levels == 2] == 1).all()
+    assert abs(np.mean(n == 1) - 0.4) < 0.07 and abs(np.mean(levels == 2) - 0.2) < 0.06
+    assert abs(n.mean() - 2.2) < 0.2
+    assert program["main"](["--draws", "5000", "--seed", "1"]) == 0
+    ceiling = float(capsys.readouterr().out.rsplit(":", 1)[1])
+    assert abs(ceiling - 0.713) < 0.04
+    with pytest.raises(SystemExit):
+        program["main"](["--draws", "0"])
