@@ -1,5 +1,7 @@
 """Calibration on a tiny random model: clipping searches beat min-max; quantizer state persistence."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +13,20 @@ from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_f
 from qlip_jax.quant.state import QuantArgs, QuantConfig
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _unet_out(unet, params, x, t, c, qargs=None):
+    """One compiled forward pass (reused by every method's state of the same structure)."""
+    return unet.apply({"params": params}, x, t, c, qargs)
+
+
 def _output_error(pipe, setup, data, k):
     """Relative RMS error of the quantized UNet output vs float, over the calibration data."""
     unet, params = pipe.unet, pipe.sd.params["unet"]
     x, t, c = data.latents, data.timesteps, data.context
-    ref = unet.apply({"params": params}, x, t, c)
+    ref = _unet_out(unet, params, x, t, c)
     idx = jnp.full((len(x), len(setup.registry)), k, jnp.int32)
-    out = unet.apply({"params": params}, x, t, c, QuantArgs.from_indices(setup.state, idx, setup.registry.names,
-                                                                          setup.config))
+    out = _unet_out(unet, params, x, t, c, QuantArgs.from_indices(setup.state, idx, setup.registry.names,
+                                                                  setup.config))
     return rms_rel_err(out, ref)
 
 
