@@ -39,7 +39,8 @@ def test_diffusion_step_lowers_loss_on_a_fixed_batch():
     assert 0 < max(jax.tree.leaves(diff))
 
 
-def test_weighted_diffusion_loss_is_the_weighted_mean_over_cells():
+def test_weighted_diffusion_loss_by_hand():
+    """Per-cell weights give the weighted mean over cells; Min-SNR-gamma scales each sample's error."""
     configs = configs_from_dicts(preset("tiny"))
     params = init_params(configs, jax.random.key(0))
     unet, text = UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text)
@@ -64,18 +65,28 @@ def test_weighted_diffusion_loss_is_the_weighted_mean_over_cells():
     np.testing.assert_allclose(float(weighted), np.sum(w * sq) / np.sum(w), rtol=1e-4)
     np.testing.assert_allclose(float(plain), sq.mean(), rtol=1e-4)
     assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
+    # Min-SNR-gamma: each sample's error times min(SNR_t, gamma) / SNR_t; gamma below the larger SNR of
+    # the two samples, so at least one is down-weighted
+    snr = np.asarray(ac[t] / (1 - ac[t]), np.float64)
+    gamma = float(0.5 * snr.max())
+    s = np.minimum(snr, gamma) / snr
+    assert s.min() < 1.0
+    min_snr, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), min_snr_gamma=gamma)
+    np.testing.assert_allclose(float(min_snr), np.sum(s[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
+    huge, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, min_snr_gamma=1e30)  # never binds
+    np.testing.assert_allclose(float(huge), float(plain), rtol=1e-6)
 
 
 def test_pretrain_resumes_with_identical_state(tmp_path):
-    """Interrupted + resumed equals uninterrupted, with the object-weighted loss on (its coverage cache
-    is written by the first run and read by the resume)."""
+    """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
+    coverage cache is written by the first run and read by the resume); a negative gamma is refused."""
     import json
 
     from train.pretrain import main
 
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
               "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--object-weight", "4",
-              "--quiet"]
+              "--min-snr-gamma", "5", "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -87,7 +98,11 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in a), part
     assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
-        assert json.load(f)["object_weight"] == 4.0
+        info = json.load(f)
+    assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, "--min-snr-gamma", "-1"])
+    assert not (tmp_path / "c").exists()
 
 
 def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):

@@ -128,7 +128,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         print(f"[pretrain] diffusion: resumed at step {int(state['step'])}", file=sys.stderr)
     weights = object_weights(args, latents.shape, work)
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
-    step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay)
+    step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None)
     key = jax.random.key(args.seed + 1)
     length = configs.text.max_position_embeddings
     eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the diffusion loss of each latent cell by 1 + this x the share of its pixels "
                         "objects cover (0: plain mean; the shipped model was trained with 0)")
+    p.add_argument("--min-snr-gamma", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weighting by timestep, min(SNR, gamma) / SNR (0: off; the shipped "
+                        "model was trained without it)")
     p.add_argument("--guidance", type=float, default=5.0, help="for the sample grids")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000)
@@ -207,6 +210,9 @@ def main(argv=None) -> int:
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    for name in ("object_weight", "min_snr_gamma"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
@@ -247,7 +253,8 @@ def main(argv=None) -> int:
     info = {"command": "python train/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
             "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
-            "num_scenes": args.num_scenes, "object_weight": args.object_weight, "final_loss": last_loss,
+            "num_scenes": args.num_scenes, "object_weight": args.object_weight,
+            "min_snr_gamma": args.min_snr_gamma, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
     if earlier is not None:

@@ -52,11 +52,16 @@ def make_vae_step(vae: AutoencoderKL, tx: optax.GradientTransformation, kl_weigh
 
 
 def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array,
-                   ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array, weights: jax.Array | None = None):
+                   ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array, weights: jax.Array | None = None,
+                   min_snr_gamma: float | None = None):
     """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int.
 
     ``weights [B, h, w]`` (optional, >= 0): the loss is the weighted mean of the squared error over
     cells, ``sum w * |eps - eps_theta|^2 / (c * sum w)``; all-equal weights give the plain mean.
+    ``min_snr_gamma`` (optional, static): Min-SNR-gamma weighting (Hang et al., 2023): each sample's
+    error is further multiplied by ``min(SNR_t, gamma) / SNR_t``, ``SNR_t = a_t / (1 - a_t)``, so the
+    low-noise steps count less; it depends on the timestep only, so unlike ``weights`` it leaves the
+    minimiser (the posterior mean of the noise at each step) unchanged.
     """
     k_t, k_n = jax.random.split(key)
     b = latents.shape[0]
@@ -67,23 +72,29 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     context, _ = text.apply({"params": params["text_encoder"]}, ids)
     pred = unet.apply({"params": params["unet"]}, noisy, t, context)
     sq = jnp.mean((pred.astype(jnp.float32) - noise) ** 2, axis=-1)  # [B, h, w]
-    loss = jnp.mean(sq) if weights is None else jnp.sum(weights * sq) / jnp.sum(weights)
+    w = jnp.ones_like(sq) if weights is None else weights
+    per_sample = jnp.sum(w * sq, axis=(1, 2))                            # [B]
+    if min_snr_gamma is not None:
+        snr = a[:, 0, 0, 0] / (1.0 - a[:, 0, 0, 0])
+        per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / snr
+    loss = jnp.sum(per_sample) / jnp.sum(w)
     return loss, {"loss": loss}
 
 
 def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
-                        tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float):
+                        tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float,
+                        min_snr_gamma: float | None = None):
     """Jitted ``(state, latents, ids, key, weights=None) -> (state, metrics)``; state = {params, opt, ema,
-    step}; ``weights [B, h, w]`` as in :func:`diffusion_loss`.
+    step}; ``weights [B, h, w]`` and ``min_snr_gamma`` as in :func:`diffusion_loss`.
 
     ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
     """
 
     @jax.jit
     def step(state, latents, ids, key, weights=None):
-        grads, metrics = jax.grad(
-            lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights), has_aux=True)(
-            state["params"])
+        loss = lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights,  # noqa: E731
+                                        min_snr_gamma)
+        grads, metrics = jax.grad(loss, has_aux=True)(state["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
