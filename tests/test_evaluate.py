@@ -276,7 +276,8 @@ def test_caption_ambiguity_matches_the_generator(capsys):
     scene 2/5 of the time, from a level-2 caption 1/5, from a scene of 2.2 objects on average; a perfect
     sampler scores 0.4 + 0.2 (2/3 + 2/4 + 2/5) = 0.713 on level-2 one-object prompts."""
     program = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "eval", "caption_ambiguity.py"))
-    levels, n = program["one_object_texts"](5000, 1)
+    levels, n, scores = program["one_object_texts"](5000, 1)
+    np.testing.assert_allclose(scores, np.where(n == 1, 1.0, 2.0 / (2.0 + n - 1)))  # 2 points, n - 1 extras
     assert set(levels) == {1, 2} and set(n) == {1, 2, 3, 4} and (n[levels == 2] == 1).all()
     assert abs(np.mean(n == 1) - 0.4) < 0.07 and abs(np.mean(levels == 2) - 0.2) < 0.06
     assert abs(n.mean() - 2.2) < 0.2
