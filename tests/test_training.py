@@ -7,7 +7,7 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
-from qlip_jax.data.scenes import Caption, SceneObject, StatedObject, render, sample_scene
+from qlip_jax.data.scenes import Caption, SceneObject, StatedObject, make_caption, render, sample_scene
 from qlip_jax.metrics.parser import (ParsedScene, SceneParserNet, alignment_score, batch_labels,
                                      macro_f1, make_parser_step, parser_loss)
 from qlip_jax.models.presets import preset
@@ -86,7 +86,7 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
 
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
               "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--object-weight", "4",
-              "--min-snr-gamma", "5", "--quiet"]
+              "--object-weight-captions", "exhaustive", "--min-snr-gamma", "5", "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -100,9 +100,32 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
     assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0
-    with pytest.raises(SystemExit):
-        main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, "--min-snr-gamma", "-1"])
+    assert info["object_weight_captions"] == "exhaustive"
+    for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"]):  # the second: a restriction of nothing
+        with pytest.raises(SystemExit):
+            main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, *bad])
     assert not (tmp_path / "c").exists()
+
+
+def test_batch_weights_only_for_captions_that_list_every_object():
+    """``exhaustive``: levels 2-4 keep their scene's object weights, levels 0-1 and dropped captions weigh 1."""
+    from train.pretrain import batch_weights
+
+    rng = np.random.default_rng(0)
+    scene = sample_scene(7)
+    captions = [make_caption(scene, level, rng) for level in range(5)] * 2
+    dropped = np.array([False] * 5 + [True] * 5)
+    weights = 1.0 + rng.random((3, 8, 8)).astype(np.float32)
+    ids = np.array([2] * 10)
+    everything = batch_weights(weights, ids, captions, dropped, "all")
+    assert np.array_equal(everything, np.broadcast_to(weights[2], (10, 8, 8)))
+    some = batch_weights(weights, ids, captions, dropped, "exhaustive")
+    assert some.dtype == weights.dtype
+    for i, c in enumerate(captions):
+        kept = c.exhaustive and not dropped[i]
+        assert kept == (i in (2, 3, 4)), (i, c.text)
+        assert np.array_equal(some[i], weights[2] if kept else np.ones((8, 8), np.float32)), i
+    assert batch_weights(None, ids, captions, dropped, "exhaustive") is None
 
 
 def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):

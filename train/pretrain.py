@@ -105,6 +105,25 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
     return 1.0 + args.object_weight * coverage
 
 
+def batch_weights(weights: np.ndarray | None, ids: np.ndarray, captions: list, dropped: np.ndarray,
+                  captions_weighted: str) -> np.ndarray | None:
+    """The loss weights ``[B, h, w]`` of a batch of scenes ``ids [B]``.
+
+    ``captions_weighted="all"``: every sample's object weights. ``"exhaustive"``: only samples whose
+    caption lists every object of the scene (levels 2-4, not dropped); the rest weigh 1 in every cell.
+    Where the text fixes which objects are there, a weight that grows with object area can only tilt the
+    learned images towards larger objects; where it does not (levels 0-1 name one object of several,
+    an empty caption names none), it also tilts them towards *more* objects.
+    """
+    if weights is None:
+        return None
+    w = weights[ids]
+    if captions_weighted == "exhaustive":
+        keep = np.array([c.exhaustive for c in captions]) & ~np.asarray(dropped, bool)
+        w = np.where(keep[:, None, None], w, np.ones_like(w))
+    return w
+
+
 def tokenize(tokenizer, texts: list[str], length: int) -> np.ndarray:
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                      return_tensors="np")["input_ids"].astype(np.int32)
@@ -138,11 +157,12 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
         ids = rng.integers(0, latents.shape[0], args.batch)
-        texts = [c.text for c in scenes.random_captions(ids, rng)]
-        texts = ["" if drop else t for t, drop in zip(texts, rng.random(args.batch) < args.cond_dropout)]
+        captions = scenes.random_captions(ids, rng)
+        dropped = rng.random(args.batch) < args.cond_dropout
+        texts = ["" if drop else c.text for c, drop in zip(captions, dropped)]
         x0 = latents[ids] * configs.vae.scaling_factor
         state, metrics = step_fn(state, x0, tokenize(tokenizer, texts, length), jax.random.fold_in(key, s),
-                                 None if weights is None else weights[ids])
+                                 batch_weights(weights, ids, captions, dropped, args.object_weight_captions))
         if (s + 1) % 50 == 0:
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         if (s + 1) % args.ckpt_every == 0 or s + 1 == args.steps:
@@ -192,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the diffusion loss of each latent cell by 1 + this x the share of its pixels "
                         "objects cover (0: plain mean; the shipped model was trained with 0)")
+    p.add_argument("--object-weight-captions", choices=("all", "exhaustive"), default="all",
+                   help="which samples --object-weight weights: all, or only those whose caption lists every "
+                        "object (levels 2-4; the others weigh 1)")
     p.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="Min-SNR-gamma loss weighting by timestep, min(SNR, gamma) / SNR (0: off; the shipped "
                         "model was trained without it)")
@@ -213,6 +236,9 @@ def main(argv=None) -> int:
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.object_weight_captions != "all" and args.object_weight == 0:
+        p.error("--object-weight-captions chooses which samples --object-weight weights; "
+                "give --object-weight > 0 with it")
 
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
@@ -254,6 +280,7 @@ def main(argv=None) -> int:
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
             "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
             "num_scenes": args.num_scenes, "object_weight": args.object_weight,
+            "object_weight_captions": args.object_weight_captions,
             "min_snr_gamma": args.min_snr_gamma, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
