@@ -1,12 +1,14 @@
 """Scene alignment of a model's float samples on held-out prompts, by specificity level and object count.
 
     python eval/alignment.py --n 200 --out runs/alignment
+    python eval/alignment.py --compare runs/alignment runs/alignment-other     # runs side by side
 
 Samples the first ``--n`` prompts of the evaluation set (held out from training; ``--split train``: of
 the training prompts), parses every image with the scene parser, and scores it against what its caption
 states (:func:`qlip_jax.metrics.parser.alignment_score`). Prints a markdown table (mean alignment per caption
 level, for single- and multi-object prompts; then single-object prompts by the size their caption
-states) and writes ``table.md``, ``scores.json`` and a grid PNG.
+states) and writes ``table.md``, ``scores.json`` and a grid PNG. ``--compare`` reads the ``scores.json``
+of earlier runs (same prompts) and prints one row per run, single-object prompts by level.
 
 Reference columns tell the model's failures from the measure's limits: the share of samples in which
 the parser finds no object at all; how many objects it finds per sample against how many the prompts'
@@ -52,6 +54,30 @@ def stated_size(record) -> str | None:
     return record.caption.objects[0].size if record.caption.objects else None
 
 
+def compare_table(runs: dict[str, list[dict]]) -> str:
+    """One markdown row per run (name -> its ``scores.json`` records): single-object prompts' alignment
+    (all, by level), the share with no object drawn (stated size small / medium, all), objects found per
+    sample (levels 0-2 / 3-4; the real scenes hold 1), and multi-object prompts' alignment."""
+    def mean(records, value=lambda r: r["alignment"], digits=3) -> str:
+        return f"{np.mean([value(r) for r in records]):.{digits}f}" if records else "-"
+
+    none = lambda r: float(r["objects_found"] == 0)  # noqa: E731
+    found = lambda r: r["objects_found"]  # noqa: E731
+    lines = ["| run | single-object alignment | levels 0-1 | level 2 | level 3 | level 4 | no object: small | "
+             "no object: medium | no object: all | objects found, levels 0-2 | levels 3-4 | multi-object alignment |",
+             "|---" * 12 + "|"]
+    for name, scores in runs.items():
+        single = [r for r in scores if r["n_objects"] == 1]
+        level = lambda *ls: [r for r in single if r["level"] in ls]  # noqa: E731
+        size = lambda z: [r for r in single if r["stated_sizes"] and r["stated_sizes"][0] == z]  # noqa: E731
+        cells = [mean(single), mean(level(0, 1)), mean(level(2)), mean(level(3)), mean(level(4)),
+                 mean(size("small"), none, 2), mean(size("medium"), none, 2), mean(single, none, 2),
+                 mean(level(0, 1, 2), found, 2), mean(level(3, 4), found, 2),
+                 mean([r for r in scores if r["n_objects"] > 1])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -65,8 +91,26 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="where table.md, scores.json and samples.png go")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="instead of sampling: earlier --out folders, one row each (on the same prompts)")
     args = p.parse_args(argv)
+    if args.compare:
+        runs = {}
+        for folder in args.compare:
+            path = os.path.join(folder, "scores.json")
+            if not os.path.isfile(path):
+                p.error(f"--compare: {path} does not exist (a folder written by this program's --out)")
+            with open(path) as f:
+                runs[folder] = json.load(f)
+        ids = {name: [r["id"] for r in scores] for name, scores in runs.items()}
+        if len({tuple(v) for v in ids.values()}) > 1:
+            p.error("--compare: the runs scored different prompts: " +
+                    ", ".join(f"{name} ({len(v)})" for name, v in ids.items()))
+        print(compare_table(runs))
+        return 0
+    if not args.out:
+        p.error("--out is required (unless --compare)")
 
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)

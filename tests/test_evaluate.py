@@ -222,7 +222,7 @@ def test_level_table_reports_bits_per_level_and_their_correlations():
 ALIGNMENT = os.path.join(os.path.dirname(__file__), "..", "eval", "alignment.py")
 
 
-def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
+def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser, capsys):
     """The table's columns agree with the per-prompt file; the shipped VAE's round trip keeps what the
     parser reads of real scenes (the ceiling column), a random tiny VAE's does not."""
     import json
@@ -268,6 +268,34 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser):
     assert shipped.shape == real.shape and shipped.dtype == np.uint8
     assert np.mean(alignment(parser, records, shipped)) >= 0.7
     assert np.mean([p["vae_round_trip"] for p in per]) < 0.7
+    # --compare reads this run's own file: its single-object mean is the table's "single / all" row
+    assert program["main"](["--compare", str(out)]) == 0
+    single_all = next(r for r in rows if [c.strip() for c in r[:2]] == ["single", "all"])
+    compared = capsys.readouterr().out.strip().splitlines()[-1].split("|")[1:-1]
+    assert compared[0].strip() == str(out) and compared[1].strip() == single_all[3].strip()
+
+
+def test_alignment_compare_by_hand(tmp_path):
+    """``--compare``: one row per run from its scores.json, values by hand; runs on other prompts refused."""
+    import json
+
+    program = runpy.run_path(ALIGNMENT)
+    rec = lambda i, level, n, a, found, sizes=(): {"id": f"eval-{i}", "level": level, "n_objects": n,  # noqa: E731
+                                                   "alignment": a, "objects_found": found,
+                                                   "stated_sizes": list(sizes)}
+    scores = [rec(0, 0, 1, 1.0, 1), rec(1, 1, 1, 0.5, 2), rec(2, 2, 1, 0.25, 3), rec(3, 3, 1, 0.0, 0, ["small"]),
+              rec(4, 4, 1, 0.5, 4, ["medium"]), rec(5, 3, 1, 1.0, 1, ["small"]), rec(6, 2, 3, 0.75, 2)]
+    for name, recs in (("a", scores), ("b", scores[:-1] + [rec(7, 2, 3, 0.75, 2)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scores.json").write_text(json.dumps(recs))
+    row = program["compare_table"]({"a": scores}).splitlines()[-1]
+    # single: mean of 1, .5, .25, 0, .5, 1 = 3.25 / 6; levels 0-1: .75; level 3: (0 + 1) / 2; no object:
+    # small 1 of 2, medium 0 of 1, all 1 of 6; found at levels 0-2: 2, levels 3-4: (0 + 4 + 1) / 3
+    assert row == ("| a | 0.542 | 0.750 | 0.250 | 0.500 | 0.500 | 0.50 | 0.00 | 0.17 | 2.00 | 1.67 | 0.750 |")
+    with pytest.raises(SystemExit):  # scored other prompts
+        program["main"](["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit):  # not an --out folder
+        program["main"](["--compare", str(tmp_path / "a"), str(tmp_path)])
 
 
 def test_caption_ambiguity_matches_the_generator(capsys):
