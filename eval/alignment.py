@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: DDPM-like noise)")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="where table.md, scores.json and samples.png go")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)
-    pipe = Text2Image(sd, args.scheduler, args.steps)
+    pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta)
     records = prompt_set(args.split)[:args.n]
     images = sample_records(pipe, records, args.guidance, args.seed, args.batch, desc="sampling")
     parsed = parser.parse(images)
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
         return (f"| {' | '.join(labels)} | {len(idx)} | {mean(scores):.3f} | {mean(empty):.2f} | "
                 f"{mean(found):.2f} | {mean(truth):.2f} | {mean(vae_scores):.3f} |")
 
-    lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps, guidance {args.guidance}, "
+    lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps"
+             f"{f' (eta {args.eta})' if args.eta else ''}, guidance {args.guidance}, "
              f"first {len(records)} {args.split} prompts, seeds {args.seed}+i", "",
              f"| objects | caption level | prompts | {_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for single in (True, False):

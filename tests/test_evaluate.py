@@ -234,9 +234,10 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser, 
 
     program = runpy.run_path(ALIGNMENT)
     out = tmp_path / "align"
-    assert program["main"](["--model", tiny_sd_dir, "--n", "10", "--steps", "2", "--batch", "5",
+    assert program["main"](["--model", tiny_sd_dir, "--n", "10", "--steps", "2", "--batch", "5", "--eta", "1",
                             "--out", str(out)]) == 0
     table, by_size = (out / "table.md").read_text().rstrip().rsplit("\n\n", 1)
+    assert "ddim 2 steps (eta 1.0)" in table.splitlines()[0]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 10 + 3
     with open(out / "scores.json") as f:
@@ -314,3 +315,30 @@ def test_caption_ambiguity_matches_the_generator(capsys):
     assert abs(ceiling - 0.713) < 0.04
     with pytest.raises(SystemExit):
         program["main"](["--draws", "0"])
+
+
+def test_object_signal_is_where_the_object_is(capsys):
+    """The shipped VAE: a scene against itself changes nothing; removing its one object changes the
+    latent cell it covers most (on every scene); the program prints one row per size."""
+    import dataclasses
+
+    from qlip_jax.assets import default_model_dir
+    from qlip_jax.data import scenes
+    from qlip_jax.models.sd import load_stable_diffusion
+
+    program = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "eval", "object_signal.py"))
+    sd = load_stable_diffusion(default_model_dir())
+    one = [scenes.sample_scene(s, n_objects=1) for s in scenes.split_seeds("train")[:24]]
+    with_object = np.stack([scenes.render(s) for s in one])
+    without = np.stack([scenes.render(dataclasses.replace(s, objects=(), jitter=())) for s in one])
+    assert not program["latent_change"](sd, with_object[:3], with_object[:3]).any()
+    change = program["latent_change"](sd, with_object, without, batch=10)  # batches of 10, 10, 4
+    assert change.shape == (24, 8, 8) and (change >= 0).all()
+    coverage = np.stack([scenes.object_coverage(s, cells=8) for s in one])
+    assert (coverage.reshape(24, -1)[np.arange(24), change.reshape(24, -1).argmax(1)] > 0).all()
+    assert program["main"](["--n", "24"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [s for s in scenes.SIZES
+                                                          if any(o.objects[0].size == s for o in one)]
+    with pytest.raises(SystemExit):
+        program["main"](["--n", "0"])
