@@ -86,7 +86,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
 
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
               "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--object-weight", "4",
-              "--object-weight-captions", "exhaustive", "--min-snr-gamma", "5", "--quiet"]
+              "--object-weight-captions", "exhaustive", "--small-caption-weight", "2", "--min-snr-gamma", "5",
+              "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -100,8 +101,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
     assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0
-    assert info["object_weight_captions"] == "exhaustive"
-    for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"]):  # the second: a restriction of nothing
+    assert info["object_weight_captions"] == "exhaustive" and info["small_caption_weight"] == 2.0
+    for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"], ["--small-caption-weight", "0"]):  # the second: a restriction of nothing
         with pytest.raises(SystemExit):
             main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, *bad])
     assert not (tmp_path / "c").exists()
@@ -126,6 +127,14 @@ def test_batch_weights_only_for_captions_that_list_every_object():
         assert kept == (i in (2, 3, 4)), (i, c.text)
         assert np.array_equal(some[i], weights[2] if kept else np.ones((8, 8), np.float32)), i
     assert batch_weights(None, ids, captions, dropped, "exhaustive") is None
+    # small_caption_weight: a kept caption stating a small or medium object scales its whole map
+    stated = lambda *sizes: Caption("t", 3, tuple(StatedObject("star", "red", z) for z in sizes), None, True)  # noqa: E731
+    captions = [stated("small"), stated("large", "medium"), stated("large"), stated(None), stated("small")]
+    dropped = np.array([False, False, False, False, True])
+    ones = np.ones((1, 8, 8), np.float32)
+    got = batch_weights(ones, np.zeros(5, int), captions, dropped, "all", small_caption_weight=3.0)
+    np.testing.assert_array_equal(got[:, 0, 0], [3.0, 3.0, 1.0, 1.0, 1.0])
+    assert got.dtype == np.float32 and (got == got[:, :1, :1]).all()
 
 
 def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):

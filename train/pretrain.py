@@ -106,8 +106,12 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
 
 
 def batch_weights(weights: np.ndarray | None, ids: np.ndarray, captions: list, dropped: np.ndarray,
-                  captions_weighted: str) -> np.ndarray | None:
+                  captions_weighted: str, small_caption_weight: float = 1.0) -> np.ndarray | None:
     """The loss weights ``[B, h, w]`` of a batch of scenes ``ids [B]``.
+
+    ``small_caption_weight``: every cell of a sample whose (kept) caption states a small or medium
+    object is multiplied by it. It depends on the caption only, so it changes how much those captions
+    count in a batch but not what the model should draw for them.
 
     ``captions_weighted="all"``: every sample's object weights. ``"exhaustive"``: only samples whose
     caption lists every object of the scene (levels 2-4, not dropped); the rest weigh 1 in every cell.
@@ -124,6 +128,10 @@ def batch_weights(weights: np.ndarray | None, ids: np.ndarray, captions: list, d
     if captions_weighted == "exhaustive":
         keep = np.array([c.exhaustive for c in captions]) & ~np.asarray(dropped, bool)
         w = np.where(keep[:, None, None], w, np.ones_like(w))
+    if small_caption_weight != 1.0:
+        small = np.array([any(o.size in ("small", "medium") for o in c.objects) for c in captions])
+        small &= ~np.asarray(dropped, bool)
+        w = w * np.where(small, small_caption_weight, 1.0).astype(w.dtype)[:, None, None]
     return w
 
 
@@ -149,6 +157,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         state, _ = ckpt.restore(state)
         print(f"[pretrain] diffusion: resumed at step {int(state['step'])}", file=sys.stderr)
     weights = object_weights(args, latents.shape, work)
+    if weights is None and args.small_caption_weight != 1.0:
+        weights = np.ones(latents.shape[:3], np.float32)
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
     step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None)
     key = jax.random.key(args.seed + 1)
@@ -165,7 +175,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         texts = ["" if drop else c.text for c, drop in zip(captions, dropped)]
         x0 = latents[ids] * configs.vae.scaling_factor
         state, metrics = step_fn(state, x0, tokenize(tokenizer, texts, length), jax.random.fold_in(key, s),
-                                 batch_weights(weights, ids, captions, dropped, args.object_weight_captions))
+                                 batch_weights(weights, ids, captions, dropped, args.object_weight_captions,
+                                               args.small_caption_weight))
         if (s + 1) % 50 == 0:
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         if (s + 1) % args.ckpt_every == 0 or s + 1 == args.steps:
@@ -218,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--object-weight-captions", choices=("all", "exhaustive"), default="all",
                    help="which samples --object-weight weights: all, or only those whose caption lists every "
                         "object (levels 2-4; the others weigh 1)")
+    p.add_argument("--small-caption-weight", type=float, default=1.0,
+                   help="weight of samples whose caption states a small or medium object, against 1 for the "
+                        "rest (depends on the caption only, so it leaves the learned distribution alone)")
     p.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="Min-SNR-gamma loss weighting by timestep, min(SNR, gamma) / SNR (0: off; the shipped "
                         "model was trained without it)")
@@ -239,6 +253,8 @@ def main(argv=None) -> int:
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.small_caption_weight <= 0:
+        p.error(f"--small-caption-weight must be > 0, got {args.small_caption_weight}")
     if args.object_weight_captions != "all" and args.object_weight == 0:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
@@ -284,6 +300,7 @@ def main(argv=None) -> int:
             "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
             "num_scenes": args.num_scenes, "object_weight": args.object_weight,
             "object_weight_captions": args.object_weight_captions,
+            "small_caption_weight": args.small_caption_weight,
             "min_snr_gamma": args.min_snr_gamma, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
