@@ -102,7 +102,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         info = json.load(f)
     assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0
     assert info["object_weight_captions"] == "exhaustive" and info["small_caption_weight"] == 2.0
-    for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"], ["--small-caption-weight", "0"]):  # the second: a restriction of nothing
+    # refused: a negative gamma, a caption restriction of no object weight, a non-positive caption weight
+    for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"], ["--small-caption-weight", "0"]):
         with pytest.raises(SystemExit):
             main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, *bad])
     assert not (tmp_path / "c").exists()

@@ -124,13 +124,12 @@ def batch_weights(weights: np.ndarray | None, ids: np.ndarray, captions: list, d
     """
     if weights is None:
         return None
-    w = weights[ids]
+    w, kept = weights[ids], ~np.asarray(dropped, bool)
     if captions_weighted == "exhaustive":
-        keep = np.array([c.exhaustive for c in captions]) & ~np.asarray(dropped, bool)
-        w = np.where(keep[:, None, None], w, np.ones_like(w))
+        exhaustive = np.array([c.exhaustive for c in captions]) & kept
+        w = np.where(exhaustive[:, None, None], w, np.ones_like(w))
     if small_caption_weight != 1.0:
-        small = np.array([any(o.size in ("small", "medium") for o in c.objects) for c in captions])
-        small &= ~np.asarray(dropped, bool)
+        small = np.array([any(o.size in ("small", "medium") for o in c.objects) for c in captions]) & kept
         w = w * np.where(small, small_caption_weight, 1.0).astype(w.dtype)[:, None, None]
     return w
 
