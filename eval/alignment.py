@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-max-t", type=int, default=None, metavar="T",
+                   help="guide only the steps at timesteps <= T (the noisier ones use the conditional "
+                        "prediction alone; guidance in a limited interval)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: DDPM-like noise)")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +120,12 @@ def main(argv=None) -> int:
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta)
     records = prompt_set(args.split)[:args.n]
-    images = sample_records(pipe, records, args.guidance, args.seed, args.batch, desc="sampling")
+    guidance = args.guidance
+    if args.guidance_max_t is not None:
+        if args.guidance_max_t < 0:
+            p.error(f"--guidance-max-t must be >= 0, got {args.guidance_max_t}")
+        guidance = pipe.guidance_interval(args.guidance, args.guidance_max_t)
+    images = sample_records(pipe, records, guidance, args.seed, args.batch, desc="sampling")
     parsed = parser.parse(images)
     scores = [alignment_score(r.caption, s) for r, s in zip(records, parsed)]
     empty = [float(not s.objects) for s in parsed]
@@ -133,7 +141,8 @@ def main(argv=None) -> int:
                 f"{mean(found):.2f} | {mean(truth):.2f} | {mean(vae_scores):.3f} |")
 
     lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps"
-             f"{f' (eta {args.eta})' if args.eta else ''}, guidance {args.guidance}, "
+             f"{f' (eta {args.eta})' if args.eta else ''}, guidance {args.guidance}"
+             f"{'' if args.guidance_max_t is None else f' at timesteps <= {args.guidance_max_t}'}, "
              f"first {len(records)} {args.split} prompts, seeds {args.seed}+i", "",
              f"| objects | caption level | prompts | {_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for single in (True, False):

@@ -65,6 +65,42 @@ def test_batch_independence(setup):
     np.testing.assert_allclose(together[1].astype(int), alone[0].astype(int), atol=1)
 
 
+def test_guidance_per_step(setup):
+    """A ``[T]`` guidance array: constant equals the scalar; step ``i`` uses scale ``i``; an interval of
+    timesteps; no recompilation between scalar and per-step scales."""
+    sd, pipe = setup
+    emb = pipe.encode(PROMPTS[:2])
+    t = np.asarray(pipe.sched.timesteps)
+    scalar = pipe(emb, [3, 4], 3.0)
+    traces = pipe.trace_count
+    assert np.array_equal(pipe(emb, [3, 4], np.full(pipe.num_steps, 3.0)), scalar)
+    # the interval: guided at the timesteps <= the bound, the conditional prediction alone above it
+    bound = int(t[2])
+    np.testing.assert_array_equal(pipe.guidance_interval(3.0, bound), np.where(t <= bound, 3.0, 1.0))
+    assert pipe.guidance_interval(3.0, bound)[:2].tolist() == [1.0, 1.0]
+    assert np.array_equal(pipe(emb, [3, 4], pipe.guidance_interval(3.0, int(t.max()))), scalar)
+    assert np.array_equal(pipe(emb, [3, 4], pipe.guidance_interval(3.0, int(t.min()) - 1)), pipe(emb, [3, 4], 1.0))
+    interval = pipe(emb, [3, 4], pipe.guidance_interval(3.0, bound))
+    assert np.abs(interval.astype(int) - scalar.astype(int)).mean() > 0.5
+    assert pipe.trace_count == traces
+    # step i's scale acts at step i: changing the last step's scale leaves every UNet input unchanged
+    # and changes the image; changing step 1's leaves the inputs of steps 0-1 and changes step 2's
+    base = np.full(pipe.num_steps, 3.0)
+    img0, traj0 = pipe.trajectory(emb, [3, 4], base)
+    last, step1 = base.copy(), base.copy()
+    last[-1], step1[1] = 8.0, 8.0
+    img1, traj1 = pipe.trajectory(emb, [3, 4], last)
+    assert np.array_equal(traj0, traj1) and not np.array_equal(img0, img1)
+    _, traj2 = pipe.trajectory(emb, [3, 4], step1)
+    assert np.array_equal(traj0[:2], traj2[:2]) and not np.allclose(traj0[2], traj2[2])
+    with pytest.raises(ValueError, match=r"one per step \(6\)"):
+        pipe(emb, [3, 4], np.full(pipe.num_steps + 1, 3.0))
+    with pytest.raises(ValueError, match="finite"):
+        pipe(emb, [3, 4], np.where(np.arange(pipe.num_steps) == 2, np.inf, 3.0))
+    with pytest.raises(ValueError, match="max_timestep"):
+        pipe.guidance_interval(3.0, -1)
+
+
 def test_schedule_length_follows_actual_timesteps(tiny_sd):
     pndm = Text2Image(tiny_sd, "pndm", steps=5)
     assert pndm.num_steps == len(np.asarray(pndm.sched.timesteps)) == 6  # PLMS repeats one step

@@ -8,8 +8,8 @@ What is traced and what is static
 ---------------------------------
 :class:`Text2Image` compiles its sampling function once per batch size. Everything that changes
 between calls is a traced argument: params, quantizer state, text embeddings, the schedule
-``[B, T, L]`` of candidate indices, the guidance scale and the per-prompt seeds. A new prompt,
-schedule, guidance scale or seed never recompiles. Static: model configs, scheduler kind, step
+``[B, T, L]`` of candidate indices, the guidance scales ``[T]`` (one per step) and the per-prompt
+seeds. A new prompt, schedule, guidance scale or seed never recompiles. Static: model configs, scheduler kind, step
 count, image size, quantizer config.
 
 ``T`` is the length of the scheduler's actual timestep array (PNDM in PLMS mode evaluates the model
@@ -29,7 +29,6 @@ its image does not depend on the rest of the batch.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +112,32 @@ class Text2Image:
         hidden, pooled = self._encode(self.sd.params["text_encoder"], jnp.asarray(ids))
         return TextEmbeddings(hidden[:-1], pooled[:-1], hidden[-1:], truncated)
 
+    def guidance_scales(self, guidance) -> jax.Array:
+        """``float32 [T]``: one classifier-free guidance scale per step, from one scale for every step
+        or from ``T`` of them. Raises ValueError on a non-finite scale or a wrong length."""
+        g = np.asarray(guidance, np.float64)
+        if g.ndim == 0:
+            g = np.full(self.num_steps, float(g))
+        if g.shape != (self.num_steps,):
+            raise ValueError(f"guidance must be one scale or one per step ({self.num_steps}), "
+                             f"got shape {g.shape}")
+        if not np.all(np.isfinite(g)):
+            raise ValueError(f"guidance scales must be finite, got {guidance}")
+        return jnp.asarray(g, jnp.float32)
+
+    def guidance_interval(self, scale: float, max_timestep: int) -> np.ndarray:
+        """``[T]`` scales: ``scale`` at the steps whose timestep is at most ``max_timestep``, 1 (the
+        conditional prediction alone) at the noisier ones before them.
+
+        Guidance in a limited interval (Kynkaenniemi et al., NeurIPS 2024): at high noise, guidance
+        pushes the layout away from what the unconditional model would draw (here: towards fewer
+        objects for one-object prompts), while at lower noise it sharpens what the caption states.
+        """
+        if not 0 <= max_timestep:
+            raise ValueError(f"max_timestep must be >= 0, got {max_timestep}")
+        t = np.asarray(self.sched.timesteps)
+        return np.where(t <= max_timestep, float(scale), 1.0)
+
     def uniform_schedule(self, batch: int, act_bits: int | str) -> np.ndarray:
         """``[B, T, L]`` schedule with every layer and step at one candidate (e.g. 8 or ``"fp"``)."""
         if self.quant is None:
@@ -138,14 +163,14 @@ class Text2Image:
         Args:
           emb: from :meth:`encode`.
           seeds: int ``[B]`` (or one int for every prompt), one PRNG seed per prompt.
-          guidance: classifier-free guidance scale (1 disables guidance's effect, not its cost).
+          guidance: classifier-free guidance scale, one for every step or ``[T]`` (one per step; see
+            :meth:`guidance_interval`); 1 disables guidance's effect, not its cost.
           schedule: int ``[B, T, L]`` candidate indices, or None for the float UNet.
           latents: optional initial noise ``[B, h, w, c]`` instead of drawing it from the seeds.
         """
         b = emb.cond.shape[0]
         seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
-        if not math.isfinite(float(guidance)):
-            raise ValueError(f"guidance scale must be finite, got {guidance}")
+        guidance = self.guidance_scales(guidance)
         if schedule is not None:
             self.check_schedule(schedule, b)
             schedule = jnp.asarray(schedule, jnp.int32)
@@ -160,7 +185,7 @@ class Text2Image:
             args = [None if a is None else _pad_rows(a, pad) for a in args]
             shard = NamedSharding(self.mesh, PartitionSpec("data"))
             args = [None if a is None else jax.device_put(a, shard) for a in args]
-        images, _ = self._sample(self._params(), *args, jnp.float32(guidance))
+        images, _ = self._sample(self._params(), *args, guidance)
         return np.asarray(images)[:b]
 
     def trajectory(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
@@ -176,7 +201,7 @@ class Text2Image:
             self.check_schedule(schedule, b)
         images, traj = self._sample(self._params(), emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape),
                                     jnp.asarray(seeds), None if schedule is None else jnp.asarray(schedule),
-                                    None, jnp.float32(guidance), keep_trajectory=True)
+                                    None, self.guidance_scales(guidance), keep_trajectory=True)
         return np.asarray(images), np.asarray(traj)
 
     def generate(self, prompts: list[str], seed: int = 0, guidance: float = 7.5,
@@ -197,7 +222,7 @@ class Text2Image:
     def _sample_impl(self, params, cond, uncond, seeds, schedule, init_latents, guidance,
                      keep_trajectory=False):
         """Traced body. ``cond, uncond [B, M, D]``, ``seeds [B]``, ``schedule [B, T, L]`` or None,
-        ``init_latents [B, h, w, c]`` or None (drawn from the seeds)."""
+        ``init_latents [B, h, w, c]`` or None (drawn from the seeds), ``guidance [T]``."""
         self.trace_count += 1
         sched = self.sched
         keys = jax.vmap(jax.random.key)(seeds)                       # [B] one stream per prompt
@@ -219,11 +244,12 @@ class Text2Image:
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             eps = self.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context, q)
             eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
-            eps = eps_u + guidance * (eps_c - eps_u)
+            g = guidance[i]
+            eps = eps_u + g * (eps_c - eps_u)
             noise = draw(keys, 1, i)                                  # DDIM eta > 0 only
             sigma = None
             if q is not None and self._ptqd:                         # PTQD output correction
-                eps, sigma = ptqd.sampler_correction(params["ptqd"], sched, i, idx, eps, guidance,
+                eps, sigma = ptqd.sampler_correction(params["ptqd"], sched, i, idx, eps, g,
                                                      self._mac_share, self.quant.config.num_quantized)
             x_next, state = schedulers.step(sched, state, i, eps, x, noise, sigma=sigma)
             return (x_next, state), (x if keep_trajectory else None)
