@@ -15,28 +15,21 @@ import argparse
 import dataclasses
 import sys
 
-import jax
 import numpy as np
 
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data import scenes
 from qlip_jax.models.sd import load_stable_diffusion
-from qlip_jax.models.vae import AutoencoderKL
+from qlip_jax.models.vae import encode_images
 
 
 def latent_change(sd, with_object: np.ndarray, without: np.ndarray, batch: int = 64) -> np.ndarray:
     """uint8 images ``[N, H, W, 3]`` twice -> squared latent difference per cell ``[N, h, w]`` (scaled
     latents, summed over channels)."""
-    vae = AutoencoderKL(sd.configs.vae)
     scale = sd.configs.vae.scaling_factor
-    enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0] * scale)
-    out = []
-    for i in range(0, len(with_object), batch):
-        x = np.concatenate([with_object[i:i + batch], without[i:i + batch]]).astype(np.float32) / 127.5 - 1.0
-        z = np.asarray(enc(sd.params["vae"], x), np.float64)
-        half = len(z) // 2
-        out.append(((z[:half] - z[half:]) ** 2).sum(-1))
-    return np.concatenate(out)
+    z = [encode_images(sd.configs.vae, sd.params["vae"], x, batch).astype(np.float64) * scale
+         for x in (with_object, without)]
+    return ((z[0] - z[1]) ** 2).sum(-1)
 
 
 def main(argv=None) -> int:

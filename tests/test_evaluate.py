@@ -342,3 +342,32 @@ def test_object_signal_is_where_the_object_is(capsys):
                                                           if any(o.objects[0].size == s for o in one)]
     with pytest.raises(SystemExit):
         program["main"](["--n", "0"])
+
+
+def test_denoise_probe(capsys):
+    """placement_share by hand; the program on the shipped model: at t = 0 the clean prediction is the VAE
+    round trip (every prediction holds an object; alignment that of the round trip), and the noisier
+    rows keep fewer; the place row's shares lie in [0, 1]; bad arguments refused."""
+    program = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "eval", "denoise_probe.py"))
+    share = program["placement_share"]
+    img = np.zeros((2, 4, 4, 3), np.float32)
+    mask = np.zeros((2, 4, 4), bool)
+    mask[:, :2, :2] = True
+    img[0, 0, 0] = [0.3, 0.6, 0.9]      # all of image 0's deviation on its mask
+    img[1] = 0.5                        # image 1 deviates evenly: its share is the mask's area
+    img[1, 3, 3] = [1.5, 0.5, 1.0]      # ... plus one pixel off the mask deviating twice as much
+    np.testing.assert_allclose(share(img, np.zeros((2, 3), np.float32), mask), [1.0, 4 * 0.5 / (15 * 0.5 + 1.0)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(share(img[:1], np.full((1, 3), 0.6, np.float32), mask[:1]),
+                               [(0.2 + 3 * 0.6) / (0.2 + 15 * 0.6)], rtol=1e-6)  # pixel 0: (0.3 + 0 + 0.3) / 3
+    assert program["main"](["--n", "6", "--draws", "2", "--timesteps", "0", "900"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    keep = {int(r[0]): (float(r[2]), float(r[3])) for r in rows if r[0].strip().isdigit()}
+    assert keep[0][0] == 1.0 and keep[0][1] >= 0.75
+    assert keep[900][1] < keep[0][1]
+    place = [float(v) for v in rows[-1]]
+    assert 0.0 <= place[0] <= 1.0 and 0.0 < place[1] < 0.2
+    for bad in (["--n", "0"], ["--timesteps", "1000"], ["--draws", "0"]):
+        with pytest.raises(SystemExit):
+            program["main"](bad)

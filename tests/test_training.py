@@ -75,6 +75,15 @@ def test_weighted_diffusion_loss_by_hand():
     np.testing.assert_allclose(float(min_snr), np.sum(s[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
     huge, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, min_snr_gamma=1e30)  # never binds
     np.testing.assert_allclose(float(huge), float(plain), rtol=1e-6)
+    # v weighting: times (SNR_t + 1) / SNR_t, and times Min-SNR's weight when both are on
+    v = (snr + 1) / snr
+    assert v.max() > 1.5  # one of the two timesteps is noisy enough for the weight to matter
+    v_only, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), v_weighting=True)
+    np.testing.assert_allclose(float(v_only), np.sum(v[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
+    both, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), min_snr_gamma=gamma,
+                             v_weighting=True)
+    np.testing.assert_allclose(float(both), np.sum(s[:, None, None] * v[:, None, None] * w * sq) / np.sum(w),
+                               rtol=1e-4)
 
 
 def test_pretrain_resumes_with_identical_state(tmp_path):
@@ -87,7 +96,7 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
               "--batch", "4", "--steps", "4", "--ckpt-every", "2", "--sample-every", "0", "--object-weight", "4",
               "--object-weight-captions", "exhaustive", "--small-caption-weight", "2", "--min-snr-gamma", "5",
-              "--quiet"]
+              "--v-weighting", "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -100,7 +109,7 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
-    assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0
+    assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0 and info["v_weighting"] is True
     assert info["object_weight_captions"] == "exhaustive" and info["small_caption_weight"] == 2.0
     # refused: a negative gamma, a caption restriction of no object weight, a non-positive caption weight
     for bad in (["--min-snr-gamma", "-1"], ["--object-weight", "0"], ["--small-caption-weight", "0"]):

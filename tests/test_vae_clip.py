@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from qlip_jax.models.clip import CLIPTextModel, load_text_encoder, save_text_encoder
 from qlip_jax.models.configs import ConfigError
 from qlip_jax.models.io import WeightLoadError
-from qlip_jax.models.vae import AutoencoderKL, load_vae, rename_legacy_keys, save_vae
+from qlip_jax.models.vae import AutoencoderKL, encode_images, load_vae, rename_legacy_keys, save_vae
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,19 @@ def test_vae_parity_and_round_trip(vae_dir, tmp_path):
     again = _vae_outputs(TorchVAE.from_pretrained(str(tmp_path)).eval(), x)
     for a, b in zip(ref, again):
         assert rel_err(b, a) <= 1e-6
+
+
+def test_encode_images(vae_dir):
+    """uint8 images -> posterior means in batches: the encoder's mean of the images scaled to [-1, 1],
+    whatever the batch size."""
+    cfg, params = load_vae(vae_dir)
+    model = AutoencoderKL(cfg)
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    mean, _ = model.apply({"params": params}, images.astype(np.float32) / 127.5 - 1.0, method=model.encode)
+    for batch in (5, 2):  # one call; calls of 2, 2, 1
+        got = encode_images(cfg, params, images, batch)
+        assert got.dtype == np.float32 and got.shape == mean.shape
+        np.testing.assert_allclose(got, np.asarray(mean), rtol=1e-5, atol=1e-5)
 
 
 def test_vae_legacy_attention_names(vae_dir, tmp_path):

@@ -34,7 +34,7 @@ from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import (SDConfigs, StableDiffusion, configs_from_dicts, init_params,
                                 load_stable_diffusion, save_stable_diffusion)
 from qlip_jax.models.unet import UNet2DConditionModel
-from qlip_jax.models.vae import AutoencoderKL
+from qlip_jax.models.vae import AutoencoderKL, encode_images
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.training import Checkpointer
@@ -75,13 +75,10 @@ def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: st
     path = os.path.join(work, f"latents_{args.num_scenes}.npy")
     if os.path.isfile(path):
         return np.load(path)
-    vae = AutoencoderKL(configs.vae)
-    enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
-    out = []
-    for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
-                          total=-(-args.num_scenes // 256), disable=args.quiet):
-        out.append(np.asarray(enc(vae_params, images.astype(np.float32) / 127.5 - 1.0)))
-    latents = np.concatenate(out)
+    latents = np.concatenate([
+        encode_images(configs.vae, vae_params, images)
+        for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
+                              total=-(-args.num_scenes // 256), disable=args.quiet)])
     np.save(path, latents)
     return latents
 
@@ -159,7 +156,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     if weights is None and args.small_caption_weight != 1.0:
         weights = np.ones(latents.shape[:3], np.float32)
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
-    step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None)
+    step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None,
+                                  args.v_weighting)
     key = jax.random.key(args.seed + 1)
     length = configs.text.max_position_embeddings
     eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
@@ -234,6 +232,10 @@ def main(argv=None) -> int:
     p.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="Min-SNR-gamma loss weighting by timestep, min(SNR, gamma) / SNR (0: off; the shipped "
                         "model was trained without it)")
+    p.add_argument("--v-weighting", action="store_true",
+                   help="weight each sample's loss by (SNR + 1) / SNR (the v-prediction loss of the same "
+                        "noise-predicting model: the noisiest steps, where the layout is decided from the "
+                        "caption alone, count ~1/SNR times more); times Min-SNR's weight if both are on")
     p.add_argument("--guidance", type=float, default=5.0, help="for the sample grids")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000)
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
             "num_scenes": args.num_scenes, "object_weight": args.object_weight,
             "object_weight_captions": args.object_weight_captions,
             "small_caption_weight": args.small_caption_weight,
-            "min_snr_gamma": args.min_snr_gamma, "final_loss": last_loss,
+            "min_snr_gamma": args.min_snr_gamma, "v_weighting": args.v_weighting, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
     if earlier is not None:

@@ -8,6 +8,7 @@ with ``f = 2 ** (len(block_out_channels) - 1)``. The diffusion model works on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import flax.linen as nn
@@ -147,6 +148,19 @@ def scale_latents(config: VAEConfig, z: jax.Array) -> jax.Array:
 def unscale_latents(config: VAEConfig, latents: jax.Array) -> jax.Array:
     """Inverse of :func:`scale_latents`."""
     return latents / config.scaling_factor + (config.shift_factor or 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior_mean(config: VAEConfig, params, images: jax.Array) -> jax.Array:
+    vae = AutoencoderKL(config)
+    return vae.apply({"params": params}, images.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)[0]
+
+
+def encode_images(config: VAEConfig, params, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 images ``[N, H, W, 3]`` -> VAE posterior means ``float32 [N, h, w, latent]`` (unscaled: see
+    :func:`scale_latents`), ``batch`` images per call of one jitted encoder."""
+    return np.concatenate([np.asarray(_posterior_mean(config, params, jnp.asarray(images[i:i + batch])))
+                           for i in range(0, len(images), batch)])
 
 
 # ----------------------------------------------------------------------------------------------

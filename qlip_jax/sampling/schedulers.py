@@ -82,6 +82,7 @@ __all__ = [
     "SchedulerConfig", "Scheduler", "DDIMCoeffs", "PLMSCoeffs", "DPMSolverCoeffs",
     "DDIMState", "PLMSState", "DPMSolverState", "KINDS", "make_scheduler", "init_state", "step",
     "ddim_update", "ddim_output_coefficient", "ddim_absorbed_sigma", "add_noise", "velocity",
+    "predicted_x0",
     "make_betas", "make_alphas_cumprod",
 ]
 
@@ -840,3 +841,14 @@ def velocity(config_or_sched, x0: Array, noise: Array, t) -> Array:
     dt = _compute_dtype(x0.dtype)
     a = _abar_at(config_or_sched, t, x0.ndim, dt)
     return (jnp.sqrt(a) * noise.astype(dt) - jnp.sqrt(1.0 - a) * x0.astype(dt)).astype(x0.dtype)
+
+
+def predicted_x0(sched: Scheduler, model_output: Array, sample: Array, t) -> Array:
+    """The clean sample a model output stands for at training timesteps ``t`` (``[B]`` or a scalar):
+    ``x0`` from ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` per ``sched.prediction_type``;
+    ``model_output, sample [B, ...]``."""
+    dt = _compute_dtype(sample.dtype)
+    a = _abar_at(sched, t, sample.ndim, dt)
+    x0, _ = _x0_and_eps(sched.prediction_type, model_output.astype(dt), sample.astype(dt), jnp.sqrt(a),
+                        jnp.sqrt(1.0 - a))
+    return x0

@@ -53,7 +53,7 @@ def make_vae_step(vae: AutoencoderKL, tx: optax.GradientTransformation, kl_weigh
 
 def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array,
                    ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array, weights: jax.Array | None = None,
-                   min_snr_gamma: float | None = None):
+                   min_snr_gamma: float | None = None, v_weighting: bool = False):
     """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int.
 
     ``weights [B, h, w]`` (optional, >= 0): the loss is the weighted mean of the squared error over
@@ -62,6 +62,12 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     error is further multiplied by ``min(SNR_t, gamma) / SNR_t``, ``SNR_t = a_t / (1 - a_t)``, so the
     low-noise steps count less; it depends on the timestep only, so unlike ``weights`` it leaves the
     minimiser (the posterior mean of the noise at each step) unchanged.
+    ``v_weighting`` (static): each sample's error is further multiplied by ``(SNR_t + 1) / SNR_t``, which
+    makes the loss that of v-prediction (Salimans & Ho, 2022) for the same noise-predicting model: in
+    terms of the predicted clean latent the plain loss weighs step ``t`` by ``SNR_t``, v by ``SNR_t + 1``,
+    so the noisiest steps, where only the caption can say what goes where, count about ``1 / SNR_t``
+    times more (x137 at ``t = 961`` for SD's schedule) and the cleanest about as before. A weight of the
+    timestep only: the minimiser is unchanged.
     """
     k_t, k_n = jax.random.split(key)
     b = latents.shape[0]
@@ -74,18 +80,20 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     sq = jnp.mean((pred.astype(jnp.float32) - noise) ** 2, axis=-1)  # [B, h, w]
     w = jnp.ones_like(sq) if weights is None else weights
     per_sample = jnp.sum(w * sq, axis=(1, 2))                            # [B]
+    snr = a[:, 0, 0, 0] / (1.0 - a[:, 0, 0, 0])                          # [B]
     if min_snr_gamma is not None:
-        snr = a[:, 0, 0, 0] / (1.0 - a[:, 0, 0, 0])
         per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / snr
+    if v_weighting:
+        per_sample = per_sample * (snr + 1.0) / snr
     loss = jnp.sum(per_sample) / jnp.sum(w)
     return loss, {"loss": loss}
 
 
 def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
                         tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float,
-                        min_snr_gamma: float | None = None):
+                        min_snr_gamma: float | None = None, v_weighting: bool = False):
     """Jitted ``(state, latents, ids, key, weights=None) -> (state, metrics)``; state = {params, opt, ema,
-    step}; ``weights [B, h, w]`` and ``min_snr_gamma`` as in :func:`diffusion_loss`.
+    step}; ``weights [B, h, w]``, ``min_snr_gamma`` and ``v_weighting`` as in :func:`diffusion_loss`.
 
     ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
     """
@@ -93,7 +101,7 @@ def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
     @jax.jit
     def step(state, latents, ids, key, weights=None):
         loss = lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights,  # noqa: E731
-                                        min_snr_gamma)
+                                        min_snr_gamma, v_weighting)
         grads, metrics = jax.grad(loss, has_aux=True)(state["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
