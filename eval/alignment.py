@@ -2,6 +2,7 @@
 
     python eval/alignment.py --n 200 --out runs/alignment
     python eval/alignment.py --compare runs/alignment runs/alignment-other     # runs side by side
+    python eval/alignment.py --guidance-max-t 400 --out runs/alignment-gi400   # guided at t <= 400 only
 
 Samples the first ``--n`` prompts of the evaluation set (held out from training; ``--split train``: of
 the training prompts), parses every image with the scene parser, and scores it against what its caption
