@@ -116,6 +116,8 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         p.error("--out is required (unless --compare)")
+    if args.guidance_max_t is not None and args.guidance_max_t < 0:
+        p.error(f"--guidance-max-t must be >= 0, got {args.guidance_max_t}")
 
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)
@@ -123,8 +125,6 @@ def main(argv=None) -> int:
     records = prompt_set(args.split)[:args.n]
     guidance = args.guidance
     if args.guidance_max_t is not None:
-        if args.guidance_max_t < 0:
-            p.error(f"--guidance-max-t must be >= 0, got {args.guidance_max_t}")
         guidance = pipe.guidance_interval(args.guidance, args.guidance_max_t)
     images = sample_records(pipe, records, guidance, args.seed, args.batch, desc="sampling")
     parsed = parser.parse(images)

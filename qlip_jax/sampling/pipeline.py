@@ -9,8 +9,8 @@ What is traced and what is static
 :class:`Text2Image` compiles its sampling function once per batch size. Everything that changes
 between calls is a traced argument: params, quantizer state, text embeddings, the schedule
 ``[B, T, L]`` of candidate indices, the guidance scales ``[T]`` (one per step) and the per-prompt
-seeds. A new prompt, schedule, guidance scale or seed never recompiles. Static: model configs, scheduler kind, step
-count, image size, quantizer config.
+seeds. A new prompt, schedule, guidance scale or seed never recompiles. Static: model configs,
+scheduler kind, step count, image size, quantizer config.
 
 ``T`` is the length of the scheduler's actual timestep array (PNDM in PLMS mode evaluates the model
 once more than the requested step count), and a schedule must have exactly ``T`` steps.
@@ -133,7 +133,7 @@ class Text2Image:
         pushes the layout away from what the unconditional model would draw (here: towards fewer
         objects for one-object prompts), while at lower noise it sharpens what the caption states.
         """
-        if not 0 <= max_timestep:
+        if max_timestep < 0:
             raise ValueError(f"max_timestep must be >= 0, got {max_timestep}")
         t = np.asarray(self.sched.timesteps)
         return np.where(t <= max_timestep, float(scale), 1.0)
@@ -156,7 +156,7 @@ class Text2Image:
         check_indices(np.asarray(schedule), self.quant.config)
 
     # ------------------------------------------------------------------------------------------
-    def __call__(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
+    def __call__(self, emb: TextEmbeddings, seeds, guidance: float | np.ndarray = 7.5,
                  schedule: np.ndarray | None = None, latents: np.ndarray | None = None) -> np.ndarray:
         """Sample images ``uint8 [B, H, W, 3]``.
 
@@ -188,7 +188,7 @@ class Text2Image:
         images, _ = self._sample(self._params(), *args, guidance)
         return np.asarray(images)[:b]
 
-    def trajectory(self, emb: TextEmbeddings, seeds, guidance: float = 7.5,
+    def trajectory(self, emb: TextEmbeddings, seeds, guidance: float | np.ndarray = 7.5,
                    schedule: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`__call__`, also returning the UNet's latent input at every step.
 
@@ -204,7 +204,7 @@ class Text2Image:
                                     None, self.guidance_scales(guidance), keep_trajectory=True)
         return np.asarray(images), np.asarray(traj)
 
-    def generate(self, prompts: list[str], seed: int = 0, guidance: float = 7.5,
+    def generate(self, prompts: list[str], seed: int = 0, guidance: float | np.ndarray = 7.5,
                  schedule: np.ndarray | None = None) -> np.ndarray:
         """Encode and sample; prompt ``i`` uses seed ``seed + i``."""
         emb = self.encode(prompts)
