@@ -31,7 +31,8 @@ from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
 from qlip_jax.sampling import schedulers
-from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.pipeline import Text2Image, to_uint8
+from qlip_jax.selector.training import guided_eps
 
 
 def clean_predictor(pipe: Text2Image):
@@ -42,10 +43,10 @@ def clean_predictor(pipe: Text2Image):
 
     @jax.jit
     def run(params, x, t, cond, uncond, guidance):
-        out = pipe.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t,
-                              jnp.concatenate([uncond, cond]))
-        out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
-        x0 = schedulers.predicted_x0(pipe.sched, out_u + guidance * (out_c - out_u), x, t)
+        b = x.shape[0]
+        eps = guided_eps(pipe.unet, params["unet"], x, jnp.full((b,), t), cond, uncond, jnp.full((b,), guidance),
+                         None)
+        x0 = schedulers.predicted_x0(pipe.sched, eps, x, t)
         return pipe.vae.apply({"params": params["vae"]}, unscale_latents(vae_config, x0), method=pipe.vae.decode)
 
     def predict(latents, t: int, emb, guidance: float) -> np.ndarray:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     for t in args.timesteps:
         x_t = np.asarray(schedulers.add_noise(pipe.sched, jnp.asarray(z0), jnp.asarray(noise), t))
         images = predict(x_t, t, emb, args.guidance)
-        parsed = parser.parse(np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8))
+        parsed = parser.parse(np.asarray(to_uint8(images)))
         has = np.mean([bool(s.objects) for s in parsed])
         align = np.mean([alignment_score(r.caption, s) for r, s in zip(recs, parsed)])
         print(f"| {t} | {abar[t] / (1 - abar[t]):.4f} | {has:.2f} | {align:.3f} |")
