@@ -26,6 +26,9 @@ SD_V1 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "nu
          "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
          "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False, "trained_betas": None}
 TRAILING_V = {**SD_V1, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+# zero terminal SNR (Lin et al., 2024): rescaled betas, v-prediction, trailing timesteps (the first
+# step is t = 999, where abar = 0)
+ZERO_SNR = {**TRAILING_V, "rescale_betas_zero_snr": True}
 LINSPACE_LINEAR = {**SD_V1, "timestep_spacing": "linspace", "beta_schedule": "linear", "beta_start": 0.0001,
                    "beta_end": 0.02, "steps_offset": 0, "set_alpha_to_one": True}
 
@@ -36,6 +39,8 @@ CASES = {  # id: (kind, config, num_inference_steps, eta)
     "ddim-linspace-sample-clip-eta0.3": (
         "ddim", {**LINSPACE_LINEAR, "prediction_type": "sample", "clip_sample": True, "clip_sample_range": 1.5},
         12, 0.3),
+    "ddim-zero_snr": ("ddim", ZERO_SNR, 10, 0.0),
+    "ddim-zero_snr-eta0.5": ("ddim", ZERO_SNR, 8, 0.5),
     "pndm-sd_v1": ("pndm", SD_V1, 20, 0.0),
     "pndm-trailing-v": ("pndm", TRAILING_V, 10, 0.0),
     "plms-linspace-7": ("plms", LINSPACE_LINEAR, 7, 0.0),
@@ -43,6 +48,7 @@ CASES = {  # id: (kind, config, num_inference_steps, eta)
     "dpm-leading-v": ("dpmsolver++", {**SD_V1, "timestep_spacing": "leading", "prediction_type": "v_prediction"},
                       10, 0.0),
     "dpm-trailing": ("dpmsolver++", {**SD_V1, "timestep_spacing": "trailing"}, 12, 0.0),
+    "dpm-zero_snr": ("dpmsolver++", ZERO_SNR, 12, 0.0),
     "dpm-heun-cosine-sigma_min": (
         "dpmsolver++", {**SD_V1, "beta_schedule": "squaredcos_cap_v2", "solver_type": "heun",
                         "final_sigmas_type": "sigma_min", "lower_order_final": False,
@@ -195,7 +201,6 @@ def test_config_json_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("bad,field", [
     ({"thresholding": True}, "thresholding"),
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"beta_schedule": "sigmoid"}, "beta_schedule"),
     ({"prediction_type": "flow_prediction"}, "prediction_type"),
     ({"timestep_spacing": "karras"}, "timestep_spacing"),
@@ -217,12 +222,40 @@ def test_unsupported_config_values_name_the_field(bad, field):
     ("dpmsolver++", {"final_sigmas_type": "max"}, "final_sigmas_type"),
     ("pndm", {"skip_prk_steps": False}, "skip_prk_steps"),
     ("pndm", {"prediction_type": "sample"}, "prediction_type"),
+    ("pndm", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
 ])
 def test_unsupported_values_for_the_chosen_kind(kind, bad, field):
     conf = SchedulerConfig.from_dict({**SD_V1, **bad})  # irrelevant to other kinds: accepted
     make_scheduler("ddim", conf, 10)
     with pytest.raises(ValueError, match=field):
         make_scheduler(kind, conf, 10)
+
+
+def test_zero_terminal_snr_schedule():
+    """The rescaled schedule is diffusers' (float32 there), ends on abar = 0 and keeps abar_0; DDIM refuses an
+    epsilon model on a grid that visits the zero-SNR step, and accepts it on one that does not."""
+    conf = SchedulerConfig.from_dict(ZERO_SNR)
+    abar, plain = conf.alphas_cumprod(), SchedulerConfig.from_dict(TRAILING_V).alphas_cumprod()
+    assert abar[-1] == 0.0 and plain[-1] > 4e-3
+    assert abar[0] == pytest.approx(plain[0], rel=1e-12)
+    assert np.all(np.diff(abar) < 0)
+    ref = DDIMScheduler.from_config(ZERO_SNR)
+    np.testing.assert_allclose(abar, ref.alphas_cumprod.numpy(), atol=1e-6)
+    # DPM-Solver, as diffusers, keeps the last abar just above 0 so its first sigma is finite
+    dpm = make_scheduler("dpmsolver++", conf, 10)
+    assert float(dpm.alphas_cumprod[-1]) == 2.0 ** -24 and int(dpm.timesteps[0]) == 999
+    assert SchedulerConfig.from_dict(conf.to_dict()) == conf and conf.to_dict()["rescale_betas_zero_snr"] is True
+    eps = {**ZERO_SNR, "prediction_type": "epsilon"}
+    with pytest.raises(ValueError, match=r"timestep 999.*abar = 0.*v_prediction"):
+        make_scheduler("ddim", eps, 10)
+    assert int(make_scheduler("ddim", {**eps, "timestep_spacing": "leading"}, 10).timesteps[0]) == 901
+    # eta = 1 from the zero-SNR step: the direction coefficient sqrt(1 - a_prev - sigma^2) is 0 up to
+    # rounding (diffusers' float32 gets ~1e-4 there, so no step-by-step parity); it must stay finite
+    sched = make_scheduler("ddim", conf, 8, eta=1.0)
+    x, r, z = inputs(sched.num_steps)
+    got = np.asarray(run_scan(sched, jnp.asarray(x), jnp.asarray(r), jnp.asarray(z)))
+    _, want = run_diffusers("ddim", ZERO_SNR, 8, 1.0, x, r, z)
+    assert np.all(np.isfinite(got)) and rel_err(got[-1], want[-1]) < 1e-3
 
 
 def test_bad_arguments():

@@ -86,6 +86,74 @@ def test_weighted_diffusion_loss_by_hand():
                                rtol=1e-4)
 
 
+def test_v_prediction_loss_by_hand():
+    """v-prediction targets v = sqrt(a) eps - sqrt(1 - a) x0; Min-SNR's weight for it is min(SNR, gamma) /
+    (SNR + 1); at abar = 0 (zero terminal SNR) the target is -x0 and everything stays finite;
+    v weighting on top of v-prediction is refused."""
+    configs = configs_from_dicts(preset("tiny"))
+    params = init_params(configs, jax.random.key(0))
+    unet, text = UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text)
+    latents = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (2, 1))
+    key = jax.random.key(2)
+    context, _ = text.apply({"params": params["text_encoder"]}, ids)
+    k_t, k_n = jax.random.split(key)
+    noise = np.asarray(jax.random.normal(k_n, latents.shape), np.float64)
+    x0 = np.asarray(latents, np.float64)
+    for ac in (jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32), jnp.zeros((1000,), jnp.float32)):
+        t = jax.random.randint(k_t, (2,), 0, ac.shape[0])
+        a = np.asarray(ac[t], np.float64)[:, None, None, None]
+        noisy = jnp.asarray(np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, jnp.float32)
+        pred = np.asarray(unet.apply({"params": params["unet"]}, noisy, t, context), np.float64)
+        sq = np.mean((pred - (np.sqrt(a) * noise - np.sqrt(1 - a) * x0)) ** 2, axis=-1)
+        got, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, prediction_type="v_prediction")
+        np.testing.assert_allclose(float(got), sq.mean(), rtol=1e-4)
+        eps_loss, _ = diffusion_loss(unet, text, params, latents, ids, key, ac)
+        assert abs(float(eps_loss) - float(got)) > 1e-3 * float(got)  # another target
+        snr = a[:, 0, 0, 0] / (1 - a[:, 0, 0, 0])
+        s = np.minimum(snr, 2.0) / (snr + 1)
+        min_snr, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, min_snr_gamma=2.0,
+                                    prediction_type="v_prediction")
+        np.testing.assert_allclose(float(min_snr), np.sum(s[:, None, None] * sq) / sq.size, rtol=1e-4, atol=1e-9)
+    assert float(min_snr) == 0.0 and np.isfinite(float(got))  # abar = 0: SNR 0, Min-SNR's weight 0
+    with pytest.raises(ValueError, match="v_weighting"):
+        diffusion_loss(unet, text, params, latents, ids, key, ac, v_weighting=True, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffusion_loss(unet, text, params, latents, ids, key, ac, prediction_type="sample")
+
+
+def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
+    """--prediction-type v_prediction --zero-terminal-snr: the exported scheduler config says so (DDIM class,
+    trailing), the folder loads and samples finite images from t = 999; inconsistent flags are refused."""
+    import json
+
+    from qlip_jax.models.sd import load_stable_diffusion
+    from qlip_jax.sampling.pipeline import Text2Image
+    from train.pretrain import main
+
+    common = ["--preset", "tiny", "--vae-steps", "1", "--vae-batch", "2", "--num-scenes", "8", "--batch", "2",
+              "--steps", "2", "--sample-every", "0", "--quiet"]
+    for bad in (["--zero-terminal-snr"], ["--prediction-type", "v_prediction", "--v-weighting"]):
+        with pytest.raises(SystemExit):
+            main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, *bad])
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "out"
+    main(["--work", str(tmp_path / "w"), "--out", str(out), *common, "--prediction-type", "v_prediction",
+          "--zero-terminal-snr"])
+    with open(out / "scheduler" / "scheduler_config.json") as f:
+        sched = json.load(f)
+    assert sched["_class_name"] == "DDIMScheduler" and sched["rescale_betas_zero_snr"] is True
+    assert sched["prediction_type"] == "v_prediction" and sched["timestep_spacing"] == "trailing"
+    with open(out / "qlip_training.json") as f:
+        info = json.load(f)
+    assert info["prediction_type"] == "v_prediction" and info["zero_terminal_snr"] is True
+    sd = load_stable_diffusion(str(out))
+    pipe = Text2Image(sd, "ddim", 4)
+    assert int(pipe.sched.timesteps[0]) == 999 and float(pipe.sched.alphas_cumprod[999]) == 0.0
+    images = pipe.generate(["a red star", "a shape"], seed=0, guidance=3.0)
+    assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0  # (NaN latents: one flat value)
+
+
 def test_pretrain_resumes_with_identical_state(tmp_path):
     """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
     coverage cache is written by the first run and read by the resume); a negative gamma is refused."""

@@ -37,6 +37,7 @@ from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL, encode_images
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.schedulers import SchedulerConfig
 from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
 
@@ -157,7 +158,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         weights = np.ones(latents.shape[:3], np.float32)
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
     step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None,
-                                  args.v_weighting)
+                                  args.v_weighting, configs.scheduler.prediction_type)
     key = jax.random.key(args.seed + 1)
     length = configs.text.max_position_embeddings
     eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
@@ -182,6 +183,18 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
             sample_grid(args, configs, {**state["ema"], "vae": params["vae"]}, tokenizer,
                         os.path.join(work, "samples", f"step{s + 1:06d}.png"), eval_prompts)
     return state["ema"], float(metrics["loss"]) if end > start else None
+
+
+def training_schedule(config: SchedulerConfig, args) -> SchedulerConfig:
+    """The preset's scheduler config with ``--prediction-type`` and ``--zero-terminal-snr`` applied."""
+    changes = {}
+    if args.prediction_type is not None:
+        changes["prediction_type"] = args.prediction_type
+    if args.zero_terminal_snr:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if not changes:
+        return config
+    return SchedulerConfig.from_dict({**config.to_dict(), **changes}, source="--prediction-type/--zero-terminal-snr")
 
 
 def _wall_clock(work: str, seconds: float) -> dict:
@@ -236,6 +249,13 @@ def main(argv=None) -> int:
                    help="weight each sample's loss by (SNR + 1) / SNR (the v-prediction loss of the same "
                         "noise-predicting model: the noisiest steps, where the layout is decided from the "
                         "caption alone, count ~1/SNR times more); times Min-SNR's weight if both are on")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the UNet predicts (default: the preset's, epsilon for mini-sd); written to the "
+                        "exported scheduler config")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the noise schedule to zero terminal SNR and sample with 'trailing' timesteps "
+                        "(Lin et al., 2024): the last training step sees pure noise, so the layout must come "
+                        "from the caption; needs --prediction-type v_prediction")
     p.add_argument("--guidance", type=float, default=5.0, help="for the sample grids")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000)
@@ -256,6 +276,12 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.small_caption_weight <= 0:
         p.error(f"--small-caption-weight must be > 0, got {args.small_caption_weight}")
+    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
+        p.error("--zero-terminal-snr needs --prediction-type v_prediction (at zero SNR the noise is the "
+                "input itself, so an epsilon prediction says nothing about the image)")
+    if args.v_weighting and args.prediction_type == "v_prediction":
+        p.error("--v-weighting gives an epsilon model v-prediction's loss; with --prediction-type "
+                "v_prediction the loss is that already")
     if args.object_weight_captions != "all" and args.object_weight == 0:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
@@ -267,6 +293,7 @@ def main(argv=None) -> int:
         convert_clip_bpe(find_clip_bpe(), tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     configs = configs_from_dicts(preset(args.preset))
+    configs = dataclasses.replace(configs, scheduler=training_schedule(configs.scheduler, args))
     params = init_params(configs, jax.random.key(args.seed))
 
     earlier, started_from = None, {}
@@ -302,13 +329,17 @@ def main(argv=None) -> int:
             "num_scenes": args.num_scenes, "object_weight": args.object_weight,
             "object_weight_captions": args.object_weight_captions,
             "small_caption_weight": args.small_caption_weight,
-            "min_snr_gamma": args.min_snr_gamma, "v_weighting": args.v_weighting, "final_loss": last_loss,
+            "min_snr_gamma": args.min_snr_gamma, "v_weighting": args.v_weighting,
+            "prediction_type": configs.scheduler.prediction_type,
+            "zero_terminal_snr": configs.scheduler.rescale_betas_zero_snr, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
     if earlier is not None:
         info["init_from"] = {"parts": sorted(started_from), "record": earlier.info}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
-    save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16)
+    # diffusers' PNDMScheduler (SD v1's) has no zero-terminal-SNR option: name DDIM, which has
+    save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16,
+                          scheduler_class="DDIMScheduler" if args.zero_terminal_snr else "PNDMScheduler")
     print(json.dumps(info, indent=2))
     return 0
 

@@ -59,6 +59,11 @@ the coefficient of the uncorrected step. DDIM keeps ``coeffs.variance`` (the DDP
 variance) and ``coeffs.sigma = eta * sqrt(variance)`` as arrays for this. Deterministic samplers
 (DDIM with ``eta = 0``, PLMS, DPM-Solver++) inject no noise, so there is nothing to absorb.
 
+Zero terminal SNR (``rescale_betas_zero_snr``, Lin et al. 2024, arXiv:2305.08891) is implemented for
+DDIM and DPM-Solver++ as diffusers does it (DPM-Solver keeps the last ``abar`` at ``2**-24``); PNDM
+refuses it (diffusers' PNDM has no such option), and DDIM refuses an epsilon model on a grid that
+visits the ``abar = 0`` step, where epsilon says nothing about ``x0``.
+
 References: DDIM, Song et al. 2020 (arXiv:2010.02502); PNDM/PLMS, Liu et al. 2022
 (arXiv:2202.09778); DPM-Solver++, Lu et al. 2022 (arXiv:2211.01095).
 """
@@ -147,6 +152,7 @@ class SchedulerConfig:
     clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     skip_prk_steps: bool | None = None
+    rescale_betas_zero_snr: bool = False
     # DPMSolverMultistepScheduler only
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
@@ -163,7 +169,7 @@ class SchedulerConfig:
     use_flow_sigmas: bool = False
 
     # fields that must have their "off" value (checked for every kind; these change the math)
-    _MUST_BE = {"thresholding": False, "rescale_betas_zero_snr": False}
+    _MUST_BE = {"thresholding": False}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "scheduler config") -> SchedulerConfig:
@@ -231,6 +237,8 @@ class SchedulerConfig:
         if not self.clip_sample_range > 0:
             bad("clip_sample_range", " (must be > 0)")
         b = self.betas()
+        if self.rescale_betas_zero_snr:  # the rescaled schedule ends on beta = 1 (abar = 0) by design
+            b = b[:-1]
         if not (np.all(b >= 0) and np.all(b < 1)):
             name = "trained_betas" if self.trained_betas is not None else "beta_end"
             raise ConfigError(f"{source}: betas outside [0, 1) (beta_start={self.beta_start}, "
@@ -321,20 +329,38 @@ def _as_config(config: SchedulerConfig | Mapping) -> SchedulerConfig:
 
 
 def make_betas(config: SchedulerConfig | Mapping) -> np.ndarray:
-    """``beta_t`` of the training forward process, float64 ``[num_train_timesteps]``."""
+    """``beta_t`` of the training forward process, float64 ``[num_train_timesteps]``.
+
+    With ``rescale_betas_zero_snr`` the schedule is rescaled to zero terminal SNR (Lin et al., 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1; diffusers' DDIM and
+    DPM-Solver do the same): ``sqrt(abar)`` is shifted so its last value is 0 and scaled so its first
+    is unchanged. The last step then has ``beta = 1``, ``abar = 0``: its input is pure noise, so the
+    model must take everything it predicts there from the caption.
+    """
     c = _as_config(config)
     n = c.num_train_timesteps
     if c.trained_betas is not None:
-        return np.asarray(c.trained_betas, np.float64)
-    if c.beta_schedule == "linear":
-        return np.linspace(c.beta_start, c.beta_end, n, dtype=np.float64)
-    if c.beta_schedule == "scaled_linear":  # SD: linear in sqrt(beta)
-        return np.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, n, dtype=np.float64) ** 2
-    # squaredcos_cap_v2 (Nichol & Dhariwal 2021): alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi/2),
-    # beta_i = 1 - alpha_bar((i+1)/n) / alpha_bar(i/n), capped at 0.999
-    s = np.arange(n + 1, dtype=np.float64) / n
-    alpha_bar = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+        betas = np.asarray(c.trained_betas, np.float64)
+    elif c.beta_schedule == "linear":
+        betas = np.linspace(c.beta_start, c.beta_end, n, dtype=np.float64)
+    elif c.beta_schedule == "scaled_linear":  # SD: linear in sqrt(beta)
+        betas = np.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, n, dtype=np.float64) ** 2
+    else:
+        # squaredcos_cap_v2 (Nichol & Dhariwal 2021): alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi/2),
+        # beta_i = 1 - alpha_bar((i+1)/n) / alpha_bar(i/n), capped at 0.999
+        s = np.arange(n + 1, dtype=np.float64) / n
+        alpha_bar = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    return _rescale_zero_terminal_snr(betas) if c.rescale_betas_zero_snr else betas
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """``betas [n]`` -> betas whose ``sqrt(abar)`` is ``(sqrt(abar) - last) * first / (first - last)``."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    abar = root ** 2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 def make_alphas_cumprod(config: SchedulerConfig | Mapping) -> np.ndarray:
@@ -509,10 +535,19 @@ def make_scheduler(kind: str, config: SchedulerConfig | Mapping, num_inference_s
     if k == "ddim":
         ts = _spaced_timesteps(c, spacing, n)
         _check_timesteps(ts, c, k, n)
+        if c.prediction_type == "epsilon" and np.any(abar[ts] == 0.0):
+            raise ConfigError(f"scheduler config: DDIM with {n} '{spacing}' steps visits timestep "
+                              f"{int(ts[abar[ts] == 0.0][0])}, where abar = 0 (rescale_betas_zero_snr): an "
+                              "epsilon prediction says nothing about x0 there; use prediction_type="
+                              "'v_prediction' (as zero terminal SNR requires) or another timestep_spacing")
         coeffs = _ddim_coeffs(c, abar, ts, n, eta)
         if c.resolved("clip_sample", k):
             clip = float(c.clip_sample_range)
     elif k == "pndm":
+        if c.rescale_betas_zero_snr:
+            raise ConfigError("scheduler config: rescale_betas_zero_snr=True is not available for PNDM "
+                              "(diffusers' PNDMScheduler has no such option and would silently sample with "
+                              "another schedule than the model was trained with); use DDIM or DPM-Solver++")
         if c.skip_prk_steps is False:
             raise ConfigError("scheduler config: unsupported value skip_prk_steps=False (only PLMS "
                               "mode, skip_prk_steps=True as Stable Diffusion uses, is implemented)")
@@ -527,6 +562,9 @@ def make_scheduler(kind: str, config: SchedulerConfig | Mapping, num_inference_s
         coeffs = _plms_coeffs(c, abar, ts, n)
     else:
         c._validate_dpm()
+        if c.rescale_betas_zero_snr:  # as diffusers: near 0 but not 0, so the first sigma is finite
+            abar = abar.copy()
+            abar[-1] = 2.0 ** -24
         lambdas = 0.5 * (np.log(abar) - np.log1p(-abar))  # logSNR/2 = log(alpha_t / sigma_t)
         ts = _dpm_timesteps(c, spacing, n, lambdas)
         _check_timesteps(ts, c, k, n)
@@ -678,7 +716,9 @@ def ddim_update(x0: Array, eps: Array, alpha_prev: Array, sigma: Array, noise: A
 
     ``x0, eps, noise [*S]``; ``alpha_prev, sigma`` scalars. ``noise=None`` means no noise term.
     """
-    direction = jnp.sqrt(1.0 - alpha_prev - sigma ** 2) * eps  # "direction pointing to x_t"
+    # "direction pointing to x_t"; the clamp only matters where 1 - a_prev - sigma^2 is 0 up to rounding
+    # (eta = 1 from a zero-SNR step), where a negative rounding error would give NaN
+    direction = jnp.sqrt(jnp.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
     x_prev = jnp.sqrt(alpha_prev) * x0 + direction
     return x_prev if noise is None else x_prev + sigma * noise
 

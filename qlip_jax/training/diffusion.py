@@ -4,7 +4,8 @@ Two stages, as latent diffusion is trained:
 
 1. the VAE alone: L1 + L2 reconstruction plus a small KL term towards N(0, I);
 2. the UNet and the CLIP text encoder jointly on the frozen VAE's (scaled) latents, with the
-   epsilon-prediction objective ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) ||^2``,
+   epsilon-prediction objective ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) ||^2``
+   (or the v-prediction one, target ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0``),
    ``t`` uniform over the training timesteps, and caption dropout (the empty prompt) so
    classifier-free guidance works at sampling time; optionally weighted per latent cell (e.g. towards
    the cells objects cover, so a small object is not outweighed by the background).
@@ -22,6 +23,7 @@ import optax
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL
+from qlip_jax.sampling.schedulers import velocity
 from qlip_jax.training.checkpoint import ema_update
 
 
@@ -53,22 +55,34 @@ def make_vae_step(vae: AutoencoderKL, tx: optax.GradientTransformation, kl_weigh
 
 def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array,
                    ids: jax.Array, key: jax.Array, alphas_cumprod: jax.Array, weights: jax.Array | None = None,
-                   min_snr_gamma: float | None = None, v_weighting: bool = False):
-    """Epsilon-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int.
+                   min_snr_gamma: float | None = None, v_weighting: bool = False,
+                   prediction_type: str = "epsilon"):
+    """Epsilon- or v-prediction MSE. ``latents [B, h, w, c]`` (already scaled), ``ids [B, 77]`` int.
+
+    ``prediction_type`` (static): ``"epsilon"`` (target the noise) or ``"v_prediction"`` (target
+    ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0``, Salimans & Ho, 2022; the model a zero-terminal-SNR
+    schedule needs, since at ``a_t = 0`` the noise is the input itself and says nothing of ``x0``).
 
     ``weights [B, h, w]`` (optional, >= 0): the loss is the weighted mean of the squared error over
     cells, ``sum w * |eps - eps_theta|^2 / (c * sum w)``; all-equal weights give the plain mean.
     ``min_snr_gamma`` (optional, static): Min-SNR-gamma weighting (Hang et al., 2023): each sample's
     error is further multiplied by ``min(SNR_t, gamma) / SNR_t``, ``SNR_t = a_t / (1 - a_t)``, so the
     low-noise steps count less; it depends on the timestep only, so unlike ``weights`` it leaves the
-    minimiser (the posterior mean of the noise at each step) unchanged.
+    minimiser (the posterior mean of the noise at each step) unchanged. For v-prediction the weight is
+    ``min(SNR_t, gamma) / (SNR_t + 1)`` (the paper's form for v), 0 at a zero-SNR step.
     ``v_weighting`` (static): each sample's error is further multiplied by ``(SNR_t + 1) / SNR_t``, which
     makes the loss that of v-prediction (Salimans & Ho, 2022) for the same noise-predicting model: in
     terms of the predicted clean latent the plain loss weighs step ``t`` by ``SNR_t``, v by ``SNR_t + 1``,
     so the noisiest steps, where only the caption can say what goes where, count about ``1 / SNR_t``
     times more (x137 at ``t = 961`` for SD's schedule) and the cleanest about as before. A weight of the
-    timestep only: the minimiser is unchanged.
+    timestep only: the minimiser is unchanged. Only for epsilon prediction (v-prediction's loss is
+    that already).
     """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if v_weighting and prediction_type != "epsilon":
+        raise ValueError("v_weighting turns the epsilon loss into v-prediction's; with "
+                         "prediction_type='v_prediction' the loss is that already")
     k_t, k_n = jax.random.split(key)
     b = latents.shape[0]
     t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
@@ -77,12 +91,14 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
     context, _ = text.apply({"params": params["text_encoder"]}, ids)
     pred = unet.apply({"params": params["unet"]}, noisy, t, context)
-    sq = jnp.mean((pred.astype(jnp.float32) - noise) ** 2, axis=-1)  # [B, h, w]
+    target = noise if prediction_type == "epsilon" else velocity(alphas_cumprod, latents, noise, t)
+    sq = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)   # [B, h, w]
     w = jnp.ones_like(sq) if weights is None else weights
     per_sample = jnp.sum(w * sq, axis=(1, 2))                            # [B]
     snr = a[:, 0, 0, 0] / (1.0 - a[:, 0, 0, 0])                          # [B]
     if min_snr_gamma is not None:
-        per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / snr
+        per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / (
+            snr if prediction_type == "epsilon" else snr + 1.0)
     if v_weighting:
         per_sample = per_sample * (snr + 1.0) / snr
     loss = jnp.sum(per_sample) / jnp.sum(w)
@@ -91,9 +107,11 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
 
 def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
                         tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float,
-                        min_snr_gamma: float | None = None, v_weighting: bool = False):
+                        min_snr_gamma: float | None = None, v_weighting: bool = False,
+                        prediction_type: str = "epsilon"):
     """Jitted ``(state, latents, ids, key, weights=None) -> (state, metrics)``; state = {params, opt, ema,
-    step}; ``weights [B, h, w]``, ``min_snr_gamma`` and ``v_weighting`` as in :func:`diffusion_loss`.
+    step}; ``weights [B, h, w]``, ``min_snr_gamma``, ``v_weighting`` and ``prediction_type`` as in
+    :func:`diffusion_loss`.
 
     ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
     """
@@ -101,7 +119,7 @@ def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
     @jax.jit
     def step(state, latents, ids, key, weights=None):
         loss = lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights,  # noqa: E731
-                                        min_snr_gamma, v_weighting)
+                                        min_snr_gamma, v_weighting, prediction_type)
         grads, metrics = jax.grad(loss, has_aux=True)(state["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
