@@ -31,8 +31,8 @@ from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
 from qlip_jax.sampling import schedulers
+from qlip_jax.sampling.guidance import guided_output
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.selector.training import guided_eps
 
 
 def clean_predictor(pipe: Text2Image):
@@ -43,10 +43,8 @@ def clean_predictor(pipe: Text2Image):
 
     @jax.jit
     def run(params, x, t, cond, uncond, guidance):
-        b = x.shape[0]
-        eps = guided_eps(pipe.unet, params["unet"], x, jnp.full((b,), t), cond, uncond, jnp.full((b,), guidance),
-                         None)
-        x0 = schedulers.predicted_x0(pipe.sched, eps, x, t)
+        out = guided_output(pipe.unet, params["unet"], x, t, cond, uncond, guidance)
+        x0 = schedulers.predicted_x0(pipe.sched, out, x, t)
         return pipe.vae.apply({"params": params["vae"]}, unscale_latents(vae_config, x0), method=pipe.vae.decode)
 
     def predict(latents, t: int, emb, guidance: float) -> np.ndarray:

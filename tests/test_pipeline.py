@@ -1,16 +1,13 @@
 """The jitted text-to-image loop: parity with diffusers, one compilation, batch independence,
 sharding, errors."""
 
-import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from qlip_jax.models.presets import preset
 from qlip_jax.quant.calibration import calibrate_minmax
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
@@ -144,30 +141,71 @@ print(np.abs(a.astype(int) - b.astype(int)).max())
     assert int(out.stdout.strip().splitlines()[-1]) <= 1
 
 
-@pytest.mark.parametrize("kind", ["ddim", "pndm", "dpmsolver++"])
-def test_end_to_end_parity_with_diffusers(tiny_sd, tiny_sd_dir, kind):
-    """Same folder, same initial latents: our jitted loop vs diffusers' StableDiffusionPipeline.
+# zero terminal SNR with v-prediction and trailing timesteps, sampled with guidance rescale (Lin et al., 2024)
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("kind,changes,rescale", [("ddim", {}, 0.0), ("pndm", {}, 0.0), ("dpmsolver++", {}, 0.0),
+                                                  ("ddim", ZERO_SNR, 0.7), ("dpmsolver++", ZERO_SNR, 0.7)],
+                         ids=["ddim", "pndm", "dpmsolver++", "ddim-zero_snr-rescale", "dpmsolver++-zero_snr-rescale"])
+def test_end_to_end_parity_with_diffusers(tiny_sd, tiny_sd_dir, kind, changes, rescale):
+    """Same folder, same initial latents: our jitted loop vs diffusers' StableDiffusionPipeline (with
+    ``changes`` to the scheduler config on both sides, and diffusers' ``guidance_rescale``).
 
     Tolerance: the float paths agree to ~1e-5 relative (the UNet/VAE/CLIP parity tests); after
     uint8 rounding that can flip a pixel value by one level, never more.
     """
+    import dataclasses
+
     import torch
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionPipeline)
 
+    from qlip_jax.sampling.schedulers import SchedulerConfig
+
     ref = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False)
     cls = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}[kind]
-    ref.scheduler = cls.from_config(ref.scheduler.config)
+    ref.scheduler = cls.from_config({**ref.scheduler.config, **changes})
     ref.set_progress_bar_config(disable=True)
-    pipe = Text2Image(tiny_sd, kind, steps=5)
+    sd = tiny_sd
+    if changes:
+        sched = SchedulerConfig.from_dict({**tiny_sd.configs.scheduler.to_dict(), **changes})
+        sd = dataclasses.replace(tiny_sd, configs=dataclasses.replace(tiny_sd.configs, scheduler=sched))
+    pipe = Text2Image(sd, kind, steps=5, guidance_rescale=rescale)
     latents = np.random.default_rng(0).standard_normal((2, *pipe.latent_shape)).astype(np.float32)
     prompts = PROMPTS[:2]
     ours = pipe(pipe.encode(prompts), [0, 1], 4.0, latents=latents)
     with torch.no_grad():
-        theirs = ref(prompts, num_inference_steps=5, guidance_scale=4.0, output_type="np",
+        theirs = ref(prompts, num_inference_steps=5, guidance_scale=4.0, output_type="np", guidance_rescale=rescale,
                      latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
     theirs = np.round(np.clip(theirs, 0, 1) * 255)
     diff = np.abs(ours.astype(np.float64) - theirs)
     assert diff.max() <= 1, diff.max()
     assert np.std(ours) > 5  # not a constant image
+    if rescale:  # the rescale did something
+        plain = Text2Image(sd, kind, steps=5)(pipe.encode(prompts), [0, 1], 4.0, latents=latents)
+        assert np.abs(plain.astype(int) - ours.astype(int)).mean() > 0.5
+
+
+def test_guidance_combine_matches_diffusers_rescale():
+    """``combine``: plain guidance at rescale 0; diffusers' ``rescale_noise_cfg`` at rescale phi; one scale
+    per sample."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from qlip_jax.sampling.guidance import combine
+
+    rng = np.random.default_rng(0)
+    u, c = rng.standard_normal((2, 3, 4, 4, 2)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(combine(u, c, 3.0)), u + 3.0 * (c - u), rtol=1e-6)
+    per_sample = np.asarray(combine(u, c, np.array([1.0, 5.0, 2.0], np.float32)))
+    np.testing.assert_allclose(per_sample[0], c[0], rtol=1e-6)
+    np.testing.assert_allclose(per_sample[1], u[1] + 5.0 * (c[1] - u[1]), rtol=1e-6)
+    guided = u + 6.0 * (c - u)
+    want = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(c), guidance_rescale=0.7).numpy()
+    got = np.asarray(combine(u, c, 6.0, 0.7))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - guided).max() > 0.1
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        Text2Image.__new__(Text2Image).__init__(None, guidance_rescale=1.5)

@@ -164,7 +164,8 @@ def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     (eps_Q - b_t) / (1 + k_t), the step's tables picked per row."""
     from qlip_jax.quant.ptqd import PTQDCorrection
     from qlip_jax.quant.state import QuantArgs, QuantSetup
-    from qlip_jax.selector.training import choice_to_candidates, guided_eps
+    from qlip_jax.sampling.guidance import guided_output
+    from qlip_jax.selector.training import choice_to_candidates
 
     qpipe, quant, cfg, batch = setup
     S, K, C = cfg.num_steps, CONFIG.num_quantized, batch["x_fp"].shape[-1]
@@ -189,8 +190,8 @@ def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     step2 = jnp.concatenate([batch["step"], batch["step"]])
     q = QuantArgs.from_mix(quant.state, jnp.concatenate([mix, mix]), quant.registry.names, CONFIG, step=step2)
     args = (batch["t"], batch["cond"], batch["uncond"], batch["guidance"])
-    eps_fp = np.asarray(guided_eps(unet, unet_params, batch["x_fp"], *args, None))
-    eps_q = np.asarray(guided_eps(unet, unet_params, batch["x_hat"], *args, q))
+    eps_fp = np.asarray(guided_output(unet, unet_params, batch["x_fp"], *args, None))
+    eps_q = np.asarray(guided_output(unet, unet_params, batch["x_hat"], *args, q))
     s = np.asarray(batch["step"])
     expected = (eps_q - bias[s, 0][:, None, None, :]) / (1.0 + k[s, 0])[:, None, None, None]
     np.testing.assert_allclose(float(plain["mse"]), np.mean((eps_fp - eps_q) ** 2), rtol=1e-5)

@@ -42,6 +42,7 @@ from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
 from qlip_jax.sampling import schedulers
+from qlip_jax.sampling.guidance import guided_output
 
 
 @dataclasses.dataclass
@@ -72,12 +73,17 @@ class Text2Image:
       mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis; the batch is sharded over it.
       dtype: compute dtype of the UNet (e.g. ``jnp.bfloat16`` on TPU); params stay float32, and the
         scheduler arithmetic, text encoder and VAE run in float32.
+      guidance_rescale: ``phi`` in ``[0, 1]`` of :func:`qlip_jax.sampling.guidance.combine` (0: plain
+        classifier-free guidance; Lin et al. suggest 0.7 for zero-terminal-SNR models).
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
-                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32):
+                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0):
         self.sd, self.quant, self.mesh = sd, quant, mesh
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        self.guidance_rescale = float(guidance_rescale)
         cfg = sd.configs
         self.sched = schedulers.make_scheduler(scheduler, cfg.scheduler, steps, eta=eta)
         self.num_steps = int(self.sched.timesteps.shape[0])
@@ -230,7 +236,6 @@ class Text2Image:
             jax.random.fold_in(jax.random.fold_in(k, purpose), i), self.latent_shape), (0, None, None))
         latents = draw(keys, 0, 0) if init_latents is None else init_latents  # [B, h, w, c]
         latents = latents * sched.init_noise_sigma
-        context = jnp.concatenate([uncond, cond], axis=0)            # [2B, M, D]
         names = None if self.quant is None else self.quant.registry.names
 
         def body(carry, i):
@@ -240,12 +245,10 @@ class Text2Image:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
                                            self.quant.config, step=i)
-            t = sched.timesteps[i]
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
-            eps = self.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context, q)
-            eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
             g = guidance[i]
-            eps = eps_u + g * (eps_c - eps_u)
+            eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,
+                                self.guidance_rescale)
             noise = draw(keys, 1, i)                                  # DDIM eta > 0 only
             sigma = None
             if q is not None and self._ptqd:                         # PTQD output correction

@@ -31,6 +31,7 @@ import optax
 
 from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs
+from qlip_jax.sampling.guidance import guided_output
 
 
 def fit_t2q(apply_fn: Callable, params, pooled: np.ndarray, target: np.ndarray, steps: int = 2000,
@@ -63,14 +64,6 @@ def choice_to_candidates(w: jax.Array, low: int, med: int, high: int, num_quanti
     return w[..., 0:1] * eye[low] + w[..., 1:2] * eye[med] + w[..., 2:3] * eye[high]
 
 
-def guided_eps(unet, unet_params, x, t, cond, uncond, guidance, q: QuantArgs | None):
-    """Classifier-free-guided noise prediction; ``x [B, h, w, c]``, ``t [B]``, ``cond/uncond [B, M, D]``."""
-    eps = unet.apply({"params": unet_params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                     jnp.concatenate([uncond, cond]), q)
-    e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
-    return e_u + guidance[:, None, None, None] * (e_c - e_u)
-
-
 def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
                   low: int, med: int, high: int, lambda_bit: float):
     """``loss(q2b_params, batch) -> (loss, metrics)`` for one batch of rows.
@@ -94,10 +87,10 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
         mix = choice_to_candidates(ste_fn(p_t), low, med, high, cfg.num_quantized)  # [B, L, K]
         q = QuantArgs.from_mix(state, jnp.concatenate([mix, mix]), names, cfg,
                                step=jnp.concatenate([batch["step"], batch["step"]]))
-        eps_fp = guided_eps(unet, unet_params, batch["x_fp"], batch["t"], batch["cond"], batch["uncond"],
-                            batch["guidance"], None)
-        eps_q = guided_eps(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
-                           batch["guidance"], q)
+        eps_fp = guided_output(unet, unet_params, batch["x_fp"], batch["t"], batch["cond"], batch["uncond"],
+                               batch["guidance"], None)
+        eps_q = guided_output(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
+                              batch["guidance"], q)
         if share is not None:
             eps_q = ptqd.correct_output(quant.ptqd, batch["step"], ptqd.mix_weights(mix, share), eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
