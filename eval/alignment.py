@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-max-t", type=int, default=None, metavar="T",
                    help="guide only the steps at timesteps <= T (the noisier ones use the conditional "
                         "prediction alone; guidance in a limited interval)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale the guided prediction towards the conditional one's std, by PHI in [0, 1] "
+                        "(Lin et al., 2024; 0.7 suggested for zero-terminal-SNR models)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: DDPM-like noise)")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
@@ -118,10 +121,12 @@ def main(argv=None) -> int:
         p.error("--out is required (unless --compare)")
     if args.guidance_max_t is not None and args.guidance_max_t < 0:
         p.error(f"--guidance-max-t must be >= 0, got {args.guidance_max_t}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
 
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)
-    pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta)
+    pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta, guidance_rescale=args.guidance_rescale)
     records = prompt_set(args.split)[:args.n]
     guidance = args.guidance
     if args.guidance_max_t is not None:
@@ -143,7 +148,8 @@ def main(argv=None) -> int:
 
     lines = [f"model `{sd.folder}`, {args.scheduler} {args.steps} steps"
              f"{f' (eta {args.eta})' if args.eta else ''}, guidance {args.guidance}"
-             f"{'' if args.guidance_max_t is None else f' at timesteps <= {args.guidance_max_t}'}, "
+             f"{'' if args.guidance_max_t is None else f' at timesteps <= {args.guidance_max_t}'}"
+             f"{f' (rescale {args.guidance_rescale})' if args.guidance_rescale else ''}, "
              f"first {len(records)} {args.split} prompts, seeds {args.seed}+i", "",
              f"| objects | caption level | prompts | {_COLUMNS} |", "|---|---|---|---|---|---|---|---|"]
     for single in (True, False):

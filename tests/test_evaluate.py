@@ -235,11 +235,12 @@ def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser, 
     program = runpy.run_path(ALIGNMENT)
     out = tmp_path / "align"
     assert program["main"](["--model", tiny_sd_dir, "--n", "10", "--steps", "2", "--batch", "5", "--eta", "1",
-                            "--guidance-max-t", "500", "--out", str(out)]) == 0
+                            "--guidance-max-t", "500", "--guidance-rescale", "0.7", "--out", str(out)]) == 0
     table, by_size = (out / "table.md").read_text().rstrip().rsplit("\n\n", 1)
-    assert "ddim 2 steps (eta 1.0), guidance 5.0 at timesteps <= 500" in table.splitlines()[0]
-    with pytest.raises(SystemExit):
-        program["main"](["--model", tiny_sd_dir, "--guidance-max-t", "-1", "--out", str(tmp_path / "no")])
+    assert "ddim 2 steps (eta 1.0), guidance 5.0 at timesteps <= 500 (rescale 0.7)" in table.splitlines()[0]
+    for bad in (["--guidance-max-t", "-1"], ["--guidance-rescale", "1.5"]):
+        with pytest.raises(SystemExit):
+            program["main"](["--model", tiny_sd_dir, *bad, "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists()
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 10 + 3
