@@ -337,9 +337,10 @@ def main(argv=None) -> int:
     if earlier is not None:
         info["init_from"] = {"parts": sorted(started_from), "record": earlier.info}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
-    # diffusers' PNDMScheduler (SD v1's) has no zero-terminal-SNR option: name DDIM, which has
+    # diffusers' PNDMScheduler (SD v1's) has no zero-terminal-SNR option, its DDIMScheduler has
+    zero_snr = configs.scheduler.rescale_betas_zero_snr
     save_stable_diffusion(args.out, sd, tok_dir, dtype=np.float16,
-                          scheduler_class="DDIMScheduler" if args.zero_terminal_snr else "PNDMScheduler")
+                          scheduler_class="DDIMScheduler" if zero_snr else "PNDMScheduler")
     print(json.dumps(info, indent=2))
     return 0
 

@@ -23,7 +23,7 @@ import optax
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL
-from qlip_jax.sampling.schedulers import velocity
+from qlip_jax.sampling.schedulers import add_noise, velocity
 from qlip_jax.training.checkpoint import ema_update
 
 
@@ -87,15 +87,15 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     b = latents.shape[0]
     t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
     noise = jax.random.normal(k_n, latents.shape)
-    a = alphas_cumprod[t][:, None, None, None]
-    noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+    noisy = add_noise(alphas_cumprod, latents, noise, t)
     context, _ = text.apply({"params": params["text_encoder"]}, ids)
     pred = unet.apply({"params": params["unet"]}, noisy, t, context)
     target = noise if prediction_type == "epsilon" else velocity(alphas_cumprod, latents, noise, t)
     sq = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)   # [B, h, w]
     w = jnp.ones_like(sq) if weights is None else weights
     per_sample = jnp.sum(w * sq, axis=(1, 2))                            # [B]
-    snr = a[:, 0, 0, 0] / (1.0 - a[:, 0, 0, 0])                          # [B]
+    a = alphas_cumprod[t]                                                # [B]
+    snr = a / (1.0 - a)                                                  # [B]
     if min_snr_gamma is not None:
         per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / (
             snr if prediction_type == "epsilon" else snr + 1.0)
