@@ -3,7 +3,8 @@ shown, and does it put one where the caption says?
 
     python eval/denoise_probe.py --n 60
 
-Both probes read the model's one-step prediction of the clean latent (guided, ``--guidance``), decoded:
+Both probes read the model's one-step prediction of the clean latent (guided, ``--guidance``, with
+``--guidance-rescale`` as the sampler's), decoded:
 
 * keep (single-object prompts of levels 3-4, whose captions state the size): the real scene's latent noised
   to timestep ``t`` (``--timesteps``); the share of predictions in which the scene parser finds an object,
@@ -38,12 +39,13 @@ from qlip_jax.sampling.pipeline import Text2Image, to_uint8
 def clean_predictor(pipe: Text2Image):
     """``predict(latents, t, emb, guidance)``: ``latents [B, h, w, c]`` (scaled, at training timestep ``t``)
     -> the decoded guided prediction of the clean latent, float images ``[B, H, W, 3]`` in about
-    ``[-1, 1]``. One jitted function; ``t`` and the guidance scale are traced."""
+    ``[-1, 1]``. One jitted function; ``t`` and the guidance scale are traced; the guidance rescale is
+    the pipeline's."""
     vae_config = pipe.sd.configs.vae
 
     @jax.jit
     def run(params, x, t, cond, uncond, guidance):
-        out = guided_output(pipe.unet, params["unet"], x, t, cond, uncond, guidance)
+        out = guided_output(pipe.unet, params["unet"], x, t, cond, uncond, guidance, rescale=pipe.guidance_rescale)
         x0 = schedulers.predicted_x0(pipe.sched, out, x, t)
         return pipe.vae.apply({"params": params["vae"]}, unscale_latents(vae_config, x0), method=pipe.vae.decode)
 
@@ -69,17 +71,21 @@ def main(argv=None) -> int:
     p.add_argument("--timesteps", type=int, nargs="+", default=[0, 300, 500, 700, 900])
     p.add_argument("--draws", type=int, default=16, help="noise draws per prompt for the place probe")
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescale in [0, 1], as eval/alignment.py's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.n < 1 or args.draws < 1:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     sd = load_stable_diffusion(args.model or default_model_dir())
     steps = sd.configs.scheduler.num_train_timesteps
     bad = [t for t in args.timesteps if not 0 <= t < steps]
     if bad:
         p.error(f"--timesteps must be in [0, {steps}), got {bad}")
     parser = SceneParser.load(args.parser)
-    pipe = Text2Image(sd, "ddim", 25)
+    pipe = Text2Image(sd, "ddim", 25, guidance_rescale=args.guidance_rescale)
     predict = clean_predictor(pipe)
     rng = np.random.default_rng(args.seed)
     evals = [r for r in scenes.prompt_set("eval") if r.n_objects == 1]
@@ -89,7 +95,8 @@ def main(argv=None) -> int:
     z0 = np.asarray(scale_latents(sd.configs.vae, encode_images(sd.configs.vae, sd.params["vae"], real)))
     emb = pipe.encode([r.text for r in recs])
     noise = rng.standard_normal(z0.shape).astype(np.float32)
-    print(f"model `{sd.folder}`, guidance {args.guidance}\n\nkeep: {len(recs)} held-out single-object prompts of "
+    print(f"model `{sd.folder}`, guidance {args.guidance}, guidance rescale {args.guidance_rescale}\n\n"
+          f"keep: {len(recs)} held-out single-object prompts of "
           f"levels 3-4, their real scene noised to t\n\n| t | SNR | predictions with an object | alignment |\n"
           "|---|---|---|---|")
     abar = sd.configs.scheduler.alphas_cumprod()

@@ -372,6 +372,20 @@ def test_denoise_probe(capsys):
     assert keep[900][1] < keep[0][1]
     place = [float(v) for v in rows[-1]]
     assert 0.0 <= place[0] <= 1.0 and 0.0 < place[1] < 0.2
-    for bad in (["--n", "0"], ["--timesteps", "1000"], ["--draws", "0"]):
+    # the guidance rescale reaches the prediction: a no-op at guidance 1 (guided = conditional), not at 5
+    from qlip_jax.assets import default_model_dir
+    from qlip_jax.models.sd import load_stable_diffusion
+    from qlip_jax.sampling.pipeline import Text2Image
+
+    sd = load_stable_diffusion(default_model_dir())
+    pipes = [Text2Image(sd, "ddim", 25, guidance_rescale=phi) for phi in (0.0, 0.7)]
+    plain, rescaled = (program["clean_predictor"](pipe) for pipe in pipes)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    emb = pipes[0].encode(["a red star", "a shape"])
+    np.testing.assert_allclose(rescaled(x, 900, emb, 1.0), plain(x, 900, emb, 1.0), atol=1e-5)
+    # (the shipped epsilon model's guided noise has about the conditional std already: a small change,
+    # 100x the float noise of the guidance-1 comparison)
+    assert np.abs(rescaled(x, 900, emb, 5.0) - plain(x, 900, emb, 5.0)).max() > 1e-3
+    for bad in (["--n", "0"], ["--timesteps", "1000"], ["--draws", "0"], ["--guidance-rescale", "1.5"]):
         with pytest.raises(SystemExit):
             program["main"](bad)
