@@ -203,3 +203,38 @@ def test_round_trip_refused_on_another_model_and_step_count(tiny_sd, calib, tmp_
         Text2Image(tiny_sd, "ddim", steps=5, quant=loaded)
     with pytest.raises(ValueError, match="calibrated for a 4-step sampler"):
         Text2Image(tiny_sd, "dpmsolver++", steps=4, quant=loaded)     # same count, other timesteps
+
+
+def test_zero_terminal_snr_v_prediction_model(tiny_sd):
+    """PTQD on a v-prediction model with zero terminal SNR (the first DDIM step at abar = 0): the fitted
+    tables are finite, the correction lowers the held-out output error, the output coefficient is v's
+    (``-sqrt(a_prev)`` at abar_t = 0, where the epsilon form divides by zero), and the corrected eta = 1
+    sampler gives finite images that differ from the uncorrected ones."""
+    from qlip_jax.sampling.schedulers import SchedulerConfig
+
+    zero_snr = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    sched = SchedulerConfig.from_dict({**tiny_sd.configs.scheduler.to_dict(), **zero_snr})
+    sd = dataclasses.replace(tiny_sd, configs=dataclasses.replace(tiny_sd.configs, scheduler=sched))
+    pipe = Text2Image(sd, "ddim", steps=4, eta=1.0)
+    assert float(pipe.sched.coeffs.alpha_t[0]) == 0.0
+    data = collect_calibration_data(pipe, CALIB_PROMPTS, [0, 1], guidance=3.0)
+    setup = calibrate(pipe, CONFIG, data, "ptqd", init="minmax")
+    for f, v in setup.ptqd.to_dict().items():
+        assert np.isfinite(np.asarray(v)).all(), f
+    held = collect_calibration_data(pipe, HELD_PROMPTS, [5, 6], guidance=3.0)
+    out_fp, out_q = ptqd.model_outputs(pipe.unet, sd.params["unet"], setup.state, setup.registry, CONFIG, held)
+    w = jnp.zeros((len(held), CONFIG.num_quantized)).at[:, 0].set(1.0)
+    fixed = np.asarray(ptqd.correct_output(setup.ptqd, jnp.asarray(held.step_index), w, jnp.asarray(out_q[0])))
+    err = [float(np.mean((a - out_fp) ** 2)) for a in (out_q[0], fixed)]
+    assert err[1] < err[0], err
+    a_prev = float(pipe.sched.coeffs.alpha_prev[0])
+    np.testing.assert_allclose(S.ddim_output_coefficient(pipe.sched, 0), -np.sqrt(a_prev), rtol=1e-6)
+    quantized = Text2Image(sd, "ddim", steps=4, eta=1.0, quant=setup)
+    emb = quantized.encode(HELD_PROMPTS)
+    low = quantized.uniform_schedule(2, 4)
+    corrected = quantized(emb, [0, 1], 3.0, low)
+    quantized.quant = dataclasses.replace(setup, ptqd=jax.tree.map(jnp.zeros_like, setup.ptqd).replace(
+        timesteps=setup.ptqd.timesteps))                                 # no correction, same compilation
+    plain = quantized(emb, [0, 1], 3.0, low)
+    assert np.isfinite(corrected).all() and corrected.std() > 0
+    assert not np.array_equal(corrected, plain)

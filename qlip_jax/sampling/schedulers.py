@@ -711,15 +711,21 @@ def _x0_and_eps(prediction_type: str, out: Array, x: Array, sqrt_a: Array, sqrt_
     return x0, (x - sqrt_a * x0) / sqrt_1ma
 
 
+def ddim_direction_coefficient(alpha_prev: Array, sigma: Array) -> Array:
+    """DDIM's "direction pointing to x_t" factor ``sqrt(1 - a_prev - sigma^2)`` (broadcasting).
+
+    Clamped at 0: where ``1 - a_prev - sigma^2`` is 0 up to rounding (eta = 1 from a zero-SNR step) a
+    negative rounding error would give NaN.
+    """
+    return jnp.sqrt(jnp.maximum(1.0 - alpha_prev - sigma ** 2, 0.0))
+
+
 def ddim_update(x0: Array, eps: Array, alpha_prev: Array, sigma: Array, noise: Array | None) -> Array:
     """DDIM eq. (12): ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z``.
 
     ``x0, eps, noise [*S]``; ``alpha_prev, sigma`` scalars. ``noise=None`` means no noise term.
     """
-    # "direction pointing to x_t"; the clamp only matters where 1 - a_prev - sigma^2 is 0 up to rounding
-    # (eta = 1 from a zero-SNR step), where a negative rounding error would give NaN
-    direction = jnp.sqrt(jnp.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
-    x_prev = jnp.sqrt(alpha_prev) * x0 + direction
+    x_prev = jnp.sqrt(alpha_prev) * x0 + ddim_direction_coefficient(alpha_prev, sigma) * eps
     return x_prev if noise is None else x_prev + sigma * noise
 
 
@@ -784,7 +790,7 @@ def ddim_output_coefficient(sched: Scheduler, i) -> Array:
     """``c_i``: the factor with which the model output enters ``x_prev`` in DDIM step ``i`` (scalar).
 
     From :func:`ddim_update` with the step's own ``sigma_i`` and the predictions of
-    :func:`_x0_and_eps` (``d = sqrt(1 - a_prev - sigma_i^2)``): ``d - sqrt(a_prev (1 - a_t) / a_t)``
+    :func:`_x0_and_eps` (``d``: :func:`ddim_direction_coefficient`): ``d - sqrt(a_prev (1 - a_t) / a_t)``
     for epsilon, ``d sqrt(a_t) - sqrt(a_prev (1 - a_t))`` for v, ``sqrt(a_prev) - d sqrt(a_t / (1 - a_t))``
     for sample prediction. x0 clipping (``clip_sample``) is ignored (it only ever shrinks the effect).
     """
@@ -792,7 +798,7 @@ def ddim_output_coefficient(sched: Scheduler, i) -> Array:
         raise ValueError(f"ddim_output_coefficient needs a DDIM scheduler, not {sched.kind}")
     c: DDIMCoeffs = sched.coeffs
     a_t, a_prev, sigma = c.alpha_t[i], c.alpha_prev[i], c.sigma[i]
-    d = jnp.sqrt(1.0 - a_prev - sigma ** 2)
+    d = ddim_direction_coefficient(a_prev, sigma)
     if sched.prediction_type == "epsilon":
         return d - jnp.sqrt(a_prev * (1.0 - a_t) / a_t)
     if sched.prediction_type == "v_prediction":
