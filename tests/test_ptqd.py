@@ -31,6 +31,13 @@ def calib(tiny_sd):
     return pipe, data, calibrate(pipe, CONFIG, data, "ptqd", init="minmax")
 
 
+def _zero_tables(setup):
+    """``setup`` with all-zero PTQD tables (= no correction) for the same timesteps: the sampler runs it
+    in the compilation of the corrected setup."""
+    return dataclasses.replace(setup, ptqd=jax.tree.map(jnp.zeros_like, setup.ptqd).replace(
+        timesteps=setup.ptqd.timesteps))
+
+
 # ----------------------------------------------------------------------------------------------
 # Estimation
 
@@ -138,8 +145,7 @@ def test_sampler_compiles_once_and_all_fp_schedule_is_exact(tiny_sd, calib):
     imgs = {name: pipe(emb, [0, 1], g, s)
             for name, s, g in (("fp", fp, 3.0), ("low", low, 3.0), ("mixed", mixed, 5.0), ("half", half, 2.0))}
     # the tables are traced inputs: all-zero tables (= no correction) run in the same compilation
-    pipe.quant = dataclasses.replace(setup, ptqd=jax.tree.map(jnp.zeros_like, setup.ptqd).replace(
-        timesteps=setup.ptqd.timesteps))
+    pipe.quant = _zero_tables(setup)
     uncorrected = {name: pipe(emb, [0, 1], 3.0, s) for name, s in (("fp", fp), ("low", low))}
     assert pipe.trace_count == 1
     assert not np.array_equal(imgs["low"], uncorrected["low"])          # the correction acts
@@ -233,8 +239,7 @@ def test_zero_terminal_snr_v_prediction_model(tiny_sd):
     emb = quantized.encode(HELD_PROMPTS)
     low = quantized.uniform_schedule(2, 4)
     corrected = quantized(emb, [0, 1], 3.0, low)
-    quantized.quant = dataclasses.replace(setup, ptqd=jax.tree.map(jnp.zeros_like, setup.ptqd).replace(
-        timesteps=setup.ptqd.timesteps))                                 # no correction, same compilation
+    quantized.quant = _zero_tables(setup)                               # no correction, same compilation
     plain = quantized(emb, [0, 1], 3.0, low)
     assert np.isfinite(corrected).all() and corrected.std() > 0
     assert not np.array_equal(corrected, plain)
