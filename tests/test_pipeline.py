@@ -11,6 +11,7 @@ import pytest
 from qlip_jax.quant.calibration import calibrate_minmax
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
+from tiny_qlip import ZERO_SNR, with_scheduler
 
 PROMPTS = ["a red star", "a large striped blue circle at the top left on a yellow background",
            "a shape", "two squares"]
@@ -141,10 +142,6 @@ print(np.abs(a.astype(int) - b.astype(int)).max())
     assert int(out.stdout.strip().splitlines()[-1]) <= 1
 
 
-# zero terminal SNR with v-prediction and trailing timesteps, sampled with guidance rescale (Lin et al., 2024)
-ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-
-
 @pytest.mark.parametrize("kind,changes,rescale", [("ddim", {}, 0.0), ("pndm", {}, 0.0), ("dpmsolver++", {}, 0.0),
                                                   ("ddim", ZERO_SNR, 0.7), ("dpmsolver++", ZERO_SNR, 0.7)],
                          ids=["ddim", "pndm", "dpmsolver++", "ddim-zero_snr-rescale", "dpmsolver++-zero_snr-rescale"])
@@ -155,23 +152,16 @@ def test_end_to_end_parity_with_diffusers(tiny_sd, tiny_sd_dir, kind, changes, r
     Tolerance: the float paths agree to ~1e-5 relative (the UNet/VAE/CLIP parity tests); after
     uint8 rounding that can flip a pixel value by one level, never more.
     """
-    import dataclasses
-
     import torch
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionPipeline)
-
-    from qlip_jax.sampling.schedulers import SchedulerConfig
 
     ref = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False)
     cls = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}[kind]
     ref.scheduler = cls.from_config({**ref.scheduler.config, **changes})
     ref.set_progress_bar_config(disable=True)
-    sd = tiny_sd
-    if changes:
-        sched = SchedulerConfig.from_dict({**tiny_sd.configs.scheduler.to_dict(), **changes})
-        sd = dataclasses.replace(tiny_sd, configs=dataclasses.replace(tiny_sd.configs, scheduler=sched))
+    sd = with_scheduler(tiny_sd, changes)
     pipe = Text2Image(sd, kind, steps=5, guidance_rescale=rescale)
     latents = np.random.default_rng(0).standard_normal((2, *pipe.latent_shape)).astype(np.float32)
     prompts = PROMPTS[:2]

@@ -14,6 +14,7 @@ from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_f
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling import schedulers as S
 from qlip_jax.sampling.pipeline import Text2Image
+from tiny_qlip import ZERO_SNR, with_scheduler
 
 CONFIG = QuantConfig(act_bits=(4, 6), weight_bits=4)
 CALIB_PROMPTS = ["a red star", "two blue squares on a gray background"]
@@ -216,11 +217,7 @@ def test_zero_terminal_snr_v_prediction_model(tiny_sd):
     tables are finite, the correction lowers the held-out output error, the output coefficient is v's
     (``-sqrt(a_prev)`` at abar_t = 0, where the epsilon form divides by zero), and the corrected eta = 1
     sampler gives finite images that differ from the uncorrected ones."""
-    from qlip_jax.sampling.schedulers import SchedulerConfig
-
-    zero_snr = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    sched = SchedulerConfig.from_dict({**tiny_sd.configs.scheduler.to_dict(), **zero_snr})
-    sd = dataclasses.replace(tiny_sd, configs=dataclasses.replace(tiny_sd.configs, scheduler=sched))
+    sd = with_scheduler(tiny_sd, ZERO_SNR)
     pipe = Text2Image(sd, "ddim", steps=4, eta=1.0)
     assert float(pipe.sched.coeffs.alpha_t[0]) == 0.0
     data = collect_calibration_data(pipe, CALIB_PROMPTS, [0, 1], guidance=3.0)

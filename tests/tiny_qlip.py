@@ -1,6 +1,7 @@
 """Fixtures for the evaluation and CLI tests: a min-max quantizer state and a QLIP selector with random
 T2Q/Q2B params, both saved as folders for the tiny model (``tiny_sd`` in conftest.py), so the tests
-never depend on the shipped assets. Import the fixtures into a test module to use them."""
+never depend on the shipped assets. Import the fixtures into a test module to use them. Also the
+zero-terminal-SNR scheduler changes and ``with_scheduler``, which the pipeline and PTQD tests share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import pytest
 STEPS = 3                 # sampler steps of every test using these fixtures
 ACT_BITS = (4, 6, 8)      # the tiny quantizer's candidates; Q2B picks low/med/high among them
 LAMBDA = 0.1              # recorded in the selector's info (the report names it "QLIP (lambda 0.1)")
+# zero terminal SNR with v-prediction and trailing timesteps (Lin et al., 2024): scheduler-config changes
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def with_scheduler(sd, changes: dict):
+    """``sd`` (a ``StableDiffusion``) with ``changes`` applied to its scheduler config; same params."""
+    import dataclasses
+
+    from qlip_jax.sampling.schedulers import SchedulerConfig
+
+    sched = SchedulerConfig.from_dict({**sd.configs.scheduler.to_dict(), **changes})
+    return dataclasses.replace(sd, configs=dataclasses.replace(sd.configs, scheduler=sched))
 
 
 @pytest.fixture(scope="session")
