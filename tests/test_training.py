@@ -238,6 +238,18 @@ def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, t
     assert not (tmp_path / "out2").exists()
 
 
+def test_seeds_in_chain_finds_every_diffusion_run():
+    """The continuation warning's source: the seeds of the diffusion runs a record continues (a run with
+    no diffusion steps, like a VAE-only one, draws no diffusion batches)."""
+    from train.pretrain import seeds_in_chain
+
+    vae_only = {"seed": 9, "diffusion_steps": 0}
+    first = {"seed": 0, "diffusion_steps": 100, "init_from": {"parts": ["vae"], "record": vae_only}}
+    second = {"seed": 5, "diffusion_steps": 50, "init_from": {"parts": ["unet"], "record": first}}
+    assert seeds_in_chain(second) == {0, 5} and seeds_in_chain(first) == {0}
+    assert seeds_in_chain(vae_only) == set() and seeds_in_chain(None) == set()
+
+
 def test_parser_training_lowers_loss():
     net = SceneParserNet(width=8)
     scenes = [sample_scene(s) for s in range(16)]

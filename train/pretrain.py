@@ -42,6 +42,16 @@ from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
 
 
+def seeds_in_chain(record: dict | None) -> set[int]:
+    """The ``--seed`` of every diffusion run in a ``qlip_training.json`` record and its ``init_from`` chain."""
+    seeds = set()
+    while record:
+        if record.get("diffusion_steps", 0) > 0 and "seed" in record:
+            seeds.add(int(record["seed"]))
+        record = (record.get("init_from") or {}).get("record")
+    return seeds
+
+
 def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(1, steps // 10)), max(steps, 2),
                                               end_value=lr * 0.1)
@@ -310,6 +320,11 @@ def main(argv=None) -> int:
                    f"{args.init_from} has another VAE architecture than preset '{args.preset}'")
             raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {why}")
         print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
+        if args.steps > 0 and args.seed in seeds_in_chain(earlier.info):
+            print(f"[pretrain] warning: {args.init_from} was trained (it or a run it continues) with --seed "
+                  f"{args.seed}; a step's batch, timesteps and noise depend only on (seed, step), so this run "
+                  f"repeats that run's first steps exactly. A --seed not in "
+                  f"{sorted(seeds_in_chain(earlier.info))} gives fresh ones.", file=sys.stderr)
     if args.vae_steps > 0:
         params["vae"] = train_vae(args, configs, params["vae"], args.work)
     latents = encode_training_latents(args, configs, params["vae"], args.work)
