@@ -1,14 +1,16 @@
 """How much a level-2 single-object caption can score, given what its words mean in the training data.
 
-    python eval/caption_ambiguity.py --draws 60000
+    python eval/caption_ambiguity.py --draws 60000            # the current data (scenes-v2): 1.000
+    python eval/caption_ambiguity.py --draws 60000 --v1-texts # as scenes-v1 worded it: 0.717
 
-A level-2 caption of a one-object scene ("a drawing of an orange triangle") reads exactly like a level-1
-caption, which names *one* object of a scene of 1-4; only level 2 claims to list every object, and the
-alignment score charges it one point per extra object. This draws training captions as pretraining does
-(a train-split scene, a uniform level), keeps the levels-1/2 captions that name one object, and prints
-how often such a text comes from a one-object scene, how many objects its scenes hold, and the mean
-alignment a perfect sampler of ``p(scene | text)`` would reach on it (all of the named object's points,
-plus one unearned point per extra object).
+Alignment charges a level-2 caption one point per extra object, since level 2 claims to list every
+object. A perfect sampler of ``p(scene | text)`` draws, for a text, the scenes that text was written for
+in the training data. This draws training captions as pretraining does (a train-split scene, a uniform
+level), groups them by text, and for each level-2 caption of a one-object scene scores the scenes of
+its text group against that caption's claim (all of the named object's points, plus one unearned point
+per extra object). In ``scenes-v1`` such a caption ("a drawing of an orange triangle") read exactly like
+a level-1 caption, which names *one* object of a scene of 1-4; ``scenes-v2`` writes "a single orange
+triangle". ``--v1-texts`` maps the texts back to ``scenes-v1``'s wording ("a single X" -> "a/an X").
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import defaultdict
 
 import numpy as np
 
@@ -23,39 +26,55 @@ from qlip_jax.data import scenes
 from qlip_jax.metrics.parser import ParsedScene, alignment_score
 
 
-def one_object_texts(draws: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(levels [M], n_objects [M], scores [M])`` of the captions among ``draws`` training draws that name
-    one object at level 1 or 2 (the two levels whose texts coincide); ``scores``: the alignment score of
-    the text read as a level-2 caption against the scene it came from (what a perfect sampler earns)."""
+def v1_text(text: str) -> str:
+    """``scenes-v1``'s wording of a caption: level 2 had no "a single"."""
+    head, sep, rest = text.partition("a single ")
+    return head + (("an " if rest[:1] in "aeiou" else "a ") + rest if sep else "")
+
+
+def one_object_texts(draws: int, seed: int, v1_texts: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per level-2 caption of a one-object scene among ``draws`` training draws (``C`` of them), over the
+    draws with the same text: ``(one_object [C], n_objects [C], scores [C])``, the share of them from a
+    one-object scene, their mean object count and their mean alignment score against the level-2
+    caption's claim (what a perfect sampler earns on that prompt)."""
     rng = np.random.default_rng(seed)
     seeds = scenes.split_seeds("train")
-    levels, counts, scores = [], [], []
+    by_text = defaultdict(list)
+    claims = []
     for _ in range(draws):
         scene = scenes.sample_scene(seeds[int(rng.integers(len(seeds)))])
-        level = int(rng.integers(len(scenes.LEVELS)))
-        if level in (1, 2):
-            caption = scenes.make_caption(scene, level, rng)
-            if len(caption.objects) == 1:
-                levels.append(level)
-                counts.append(len(scene.objects))
-                claimed = dataclasses.replace(caption, level=2, exhaustive=True)
-                scores.append(alignment_score(claimed, ParsedScene(scene.objects, scene.background)))
-    return np.asarray(levels), np.asarray(counts), np.asarray(scores)
+        caption = scenes.make_caption(scene, int(rng.integers(len(scenes.LEVELS))), rng)
+        text = v1_text(caption.text) if v1_texts else caption.text
+        by_text[text].append(scene)
+        if caption.level == 2 and len(scene.objects) == 1:
+            claims.append((text, caption))
+    one, counts, scores = [], [], []
+    for text, caption in claims:
+        n = np.array([len(s.objects) for s in by_text[text]])
+        one.append(np.mean(n == 1))
+        counts.append(n.mean())
+        scores.append(np.mean([alignment_score(caption, ParsedScene(s.objects, s.background))
+                               for s in by_text[text]]))
+    return np.asarray(one), np.asarray(counts), np.asarray(scores)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--draws", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--v1-texts", action="store_true", help="word level 2 as scenes-v1 did (no 'a single')")
     args = p.parse_args(argv)
     if args.draws < 1:
         p.error(f"--draws must be positive, got {args.draws}")
-    levels, n, scores = one_object_texts(args.draws, args.seed)
-    ceiling = scores.mean()
-    print(f"{len(n)} of {args.draws} training captions name one object at level 1 or 2 (the same texts)")
-    print(f"from a one-object scene: {np.mean(n == 1):.3f}; level 2 (claims to be exhaustive): "
-          f"{np.mean(levels == 2):.3f}; objects in the scene: {n.mean():.2f} on average")
-    print(f"level-2 single-object alignment of a perfect sampler: {ceiling:.3f}")
+    one, n, scores = one_object_texts(args.draws, args.seed, args.v1_texts)
+    if not len(n):
+        p.error(f"no level-2 one-object caption among {args.draws} draws; draw more")
+    print(f"{'scenes-v1 wording' if args.v1_texts else scenes.DATA_VERSION}: {len(n)} of {args.draws} training "
+          f"captions are level-2 captions of one-object scenes; the training captions with the same text")
+    print(f"come from a one-object scene {one.mean():.3f} of the time, from scenes of {n.mean():.2f} objects "
+          f"on average")
+    print(f"level-2 single-object alignment of a perfect sampler: {scores.mean():.3f}")
     return 0
 
 

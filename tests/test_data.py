@@ -53,6 +53,22 @@ def test_captions_are_true_and_rendering_agrees():
     assert not caption_is_true(type(cap)(cap.text, 4, cap.objects, other, True), scene)
 
 
+def test_level_2_one_object_captions_are_not_level_1_texts():
+    """Level 2 claims to list every object: for a one-object scene it says "a single", so its text never
+    reads like a level-1 caption (one object of a scene of 1-4); no other level says "single"."""
+    rng = np.random.default_rng(3)
+    one = sample_scene(7, n_objects=1)
+    assert make_caption(one, 2, rng).text.endswith(f"a single {one.objects[0].color} {one.objects[0].shape}")
+    texts = {level: set() for level in LEVELS}
+    for seed in range(300):
+        scene = sample_scene(seed)
+        for level in LEVELS:
+            cap = make_caption(scene, level, rng)
+            texts[level].add(cap.text)
+            assert ("single" in cap.text) == (level == 2 and len(scene.objects) == 1), cap
+    assert not texts[1] & texts[2]
+
+
 def test_object_coverage_matches_the_rendered_objects():
     """A lone solid circle covers about pi r^2 pixels, where the image shows its colour; the background
     and the empty cells are uncovered; coverage grows with the stated size."""

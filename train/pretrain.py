@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         if args.steps > 0 and args.seed in seeds_in_chain(earlier.info):
             print(f"[pretrain] warning: {args.init_from} was trained (it or a run it continues) with --seed "
                   f"{args.seed}; a step's batch, timesteps and noise depend only on (seed, step), so this run "
-                  f"repeats that run's first steps exactly. A --seed not in "
+                  f"draws the same ones as that run's first steps. A --seed not in "
                   f"{sorted(seeds_in_chain(earlier.info))} gives fresh ones.", file=sys.stderr)
     if args.vae_steps > 0:
         params["vae"] = train_vae(args, configs, params["vae"], args.work)

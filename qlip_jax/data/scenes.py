@@ -9,11 +9,15 @@ lvl   example
 ====  ===========================================================================================
 0     "a shape", "something red"                                         (generic)
 1     "a red star"                                                       (one object)
-2     "a red star and a blue circle"                                     (every object)
+2     "a red star and a blue circle", "a single red star"                (every object)
 3     "a large striped red star and a small blue circle"                 (+ size, stripes)
 4     "a large striped red star at the top left and a small solid blue circle at the bottom
       right on a yellow background"                                      (everything)
 ====  ===========================================================================================
+
+A level-2 caption of a one-object scene says "a single": without it, it would read exactly like a
+level-1 caption (which names one object of a scene of 1-4) while claiming there is nothing else
+(``scenes-v2``; ``scenes-v1`` had no such word, see ``eval/caption_ambiguity.py``).
 
 Every caption is true of its scene, and carries the structured list of what it *states*
 (:class:`Caption`), built when the caption is made, never parsed from text.
@@ -29,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-DATA_VERSION = "scenes-v1"
+DATA_VERSION = "scenes-v2"
 IMAGE_SIZE = 64
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -240,7 +244,8 @@ def make_caption(scene: Scene, level: int, rng: np.random.Generator) -> Caption:
                 s["fill"] = "solid"
             words = words + [_POSITION_PHRASE[obj.position]]
             s["position"] = obj.position
-        parts.append(f"{_article(words[0])} " + " ".join(words))
+        article = "a single" if level == 2 and len(objs) == 1 else _article(words[0])
+        parts.append(f"{article} " + " ".join(words))
         stated.append(StatedObject(**s))
     text = _join(parts)
     background = None
