@@ -48,14 +48,14 @@ def one_object_texts(draws: int, seed: int, v1_texts: bool = False
         by_text[text].append(scene)
         if caption.level == 2 and len(scene.objects) == 1:
             claims.append((text, caption))
-    one, counts, scores = [], [], []
+    per_text = {}  # a level-2 text states the same objects whichever claim wrote it: score its group once
     for text, caption in claims:
-        n = np.array([len(s.objects) for s in by_text[text]])
-        one.append(np.mean(n == 1))
-        counts.append(n.mean())
-        scores.append(np.mean([alignment_score(caption, ParsedScene(s.objects, s.background))
-                               for s in by_text[text]]))
-    return np.asarray(one), np.asarray(counts), np.asarray(scores)
+        if text not in per_text:
+            n = np.array([len(s.objects) for s in by_text[text]])
+            per_text[text] = (np.mean(n == 1), n.mean(), np.mean(
+                [alignment_score(caption, ParsedScene(s.objects, s.background)) for s in by_text[text]]))
+    rows = np.array([per_text[text] for text, _ in claims]).reshape(-1, 3)
+    return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
 def main(argv=None) -> int:
