@@ -320,11 +320,12 @@ def main(argv=None) -> int:
                    f"{args.init_from} has another VAE architecture than preset '{args.preset}'")
             raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {why}")
         print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
-        if args.steps > 0 and args.seed in seeds_in_chain(earlier.info):
+        used = seeds_in_chain(earlier.info)
+        if args.steps > 0 and args.seed in used:
             print(f"[pretrain] warning: {args.init_from} was trained (it or a run it continues) with --seed "
                   f"{args.seed}; a step's batch, timesteps and noise depend only on (seed, step), so this run "
-                  f"draws the same ones as that run's first steps. A --seed not in "
-                  f"{sorted(seeds_in_chain(earlier.info))} gives fresh ones.", file=sys.stderr)
+                  f"draws the same ones as that run's first steps. A --seed not in {sorted(used)} gives fresh "
+                  f"ones.", file=sys.stderr)
     if args.vae_steps > 0:
         params["vae"] = train_vae(args, configs, params["vae"], args.work)
     latents = encode_training_latents(args, configs, params["vae"], args.work)
