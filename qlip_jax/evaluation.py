@@ -433,7 +433,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | BitOPs vs FP | GBitOPs | FAB | FID | sFID | domain FID | alignment | PSNR (dB) | SSIM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {_fmt(r['bitops_rel'], '.4f')} | {_fmt(r['gbitops'], '.4g')} | "
+        lines.append(f"| {r['method']} | {_fmt(r['bitops_rel'], '.4f')} | {_fmt(r['gbitops'], '.1f')} | "
                      f"{_fmt(r['fab'], '.2f')} | {_fmt(r['fid'], '.2f')} | {_fmt(r['sfid'], '.2f')} | "
                      f"{_fmt(r['domain_fid'], '.3f')} | {_fmt(r['alignment'], '.3f')} | {_fmt(r['psnr'], '.2f')} | "
                      f"{_fmt(r['ssim'], '.3f')} |")
