@@ -156,9 +156,12 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
 
 def test_pretrain_resumes_with_identical_state(tmp_path):
     """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
-    coverage cache is written by the first run and read by the resume); a negative gamma is refused."""
+    coverage cache is written by the first run and read by the resume); --export-on-stop exports the
+    checkpoint's EMA weights; a negative gamma is refused."""
     import json
 
+    from qlip_jax.models.sd import load_stable_diffusion
+    from qlip_jax.training import Checkpointer
     from train.pretrain import main
 
     common = ["--preset", "tiny", "--vae-steps", "2", "--vae-batch", "4", "--num-scenes", "32",
@@ -167,6 +170,21 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
               "--v-weighting", "--quiet"]
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), "--stop-at", "2", *common])
     assert not (tmp_path / "a_out").exists()  # interrupted: nothing exported yet
+    # --export-on-stop at the checkpoint's step: no training, the checkpoint's EMA weights exported
+    main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_mid"), "--stop-at", "2", "--export-on-stop",
+          *common])
+    state, _ = Checkpointer(str(tmp_path / "a" / "diffusion")).restore(step=2)
+    mid = load_stable_diffusion(str(tmp_path / "a_mid"))
+    for part in ("unet", "text_encoder"):
+        ours, saved = jax.tree.leaves(mid.params[part]), jax.tree.leaves(state["ema"][part])
+        assert len(ours) == len(saved) > 0
+        assert all(np.array_equal(np.asarray(a), np.asarray(b).astype(np.float16)) for a, b in zip(ours, saved)), part
+    assert mid.info["stopped_at"] == 2 and mid.info["diffusion_steps"] == 4
+    with pytest.raises(ValueError, match="past --stop-at 1"):
+        main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
+              "--export-on-stop", *common])
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--export-on-stop", *common])
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
     main(["--work", str(tmp_path / "b"), "--out", str(tmp_path / "b_out"), *common])
     for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model"),

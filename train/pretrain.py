@@ -174,6 +174,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     eval_prompts = [r.text for r in scenes.prompt_set("eval")[:16]]
     start = int(state["step"])
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    if start > end:
+        raise ValueError(f"the diffusion checkpoint in {work} is at step {start}, past --stop-at {end}")
     bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
@@ -272,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (without exporting) once the diffusion stage reaches this step, as an "
                         "interruption would; a later run with the same arguments resumes")
+    p.add_argument("--export-on-stop", action="store_true",
+                   help="with --stop-at: export the EMA weights reached there to --out (recorded as "
+                        "'stopped_at'), e.g. to evaluate a checkpoint of a longer run; resuming is unaffected")
     p.add_argument("--init-from", default=None,
                    help="an earlier export (diffusers folder): the starting point of every part whose "
                         "config matches the preset (VAE, text encoder, UNet) instead of a random init; "
@@ -292,6 +297,8 @@ def main(argv=None) -> int:
     if args.v_weighting and args.prediction_type == "v_prediction":
         p.error("--v-weighting gives an epsilon model v-prediction's loss; with --prediction-type "
                 "v_prediction the loss is that already")
+    if args.export_on_stop and args.stop_at is None:
+        p.error("--export-on-stop exports where --stop-at stops; give --stop-at")
     if args.object_weight_captions != "all" and args.object_weight == 0:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
@@ -334,7 +341,8 @@ def main(argv=None) -> int:
     print(f"[pretrain] latents {latents.shape}, std {latents.std():.4f} -> scaling_factor {scale:.5f}",
           file=sys.stderr)
     ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
-    if args.stop_at is not None and args.stop_at < args.steps:
+    stopped = args.stop_at is not None and args.stop_at < args.steps
+    if stopped and not args.export_on_stop:
         _wall_clock(args.work, time.time() - t0)
         print(f"[pretrain] stopped at step {args.stop_at} of {args.steps}; run again to resume", file=sys.stderr)
         return 0
@@ -350,6 +358,8 @@ def main(argv=None) -> int:
             "zero_terminal_snr": configs.scheduler.rescale_betas_zero_snr, "final_loss": last_loss,
             "jax_version": jax.__version__,
             "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
+    if stopped:
+        info["stopped_at"] = args.stop_at
     if earlier is not None:
         info["init_from"] = {"parts": sorted(started_from), "record": earlier.info}
     sd = StableDiffusion(configs, {**ema, "vae": params["vae"]}, tokenizer, info=info)
