@@ -175,7 +175,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     start = int(state["step"])
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     if start > end:
-        raise ValueError(f"the diffusion checkpoint in {work} is at step {start}, past --stop-at {end}")
+        bound = "--stop-at" if args.stop_at is not None and args.stop_at < args.steps else "--steps"
+        raise ValueError(f"the diffusion checkpoint in {work} is at step {start}, past {bound} {end}")
     bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
@@ -272,8 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--stop-at", type=int, default=None,
-                   help="stop (without exporting) once the diffusion stage reaches this step, as an "
-                        "interruption would; a later run with the same arguments resumes")
+                   help="stop (without exporting, unless --export-on-stop) once the diffusion stage reaches "
+                        "this step, as an interruption would; a later run with the same arguments resumes")
     p.add_argument("--export-on-stop", action="store_true",
                    help="with --stop-at: export the EMA weights reached there to --out (recorded as "
                         "'stopped_at'), e.g. to evaluate a checkpoint of a longer run; resuming is unaffected")
