@@ -138,8 +138,12 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
             main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, *bad])
     assert not (tmp_path / "bad").exists()
     out = tmp_path / "out"
+    for crop in ("3", "64", "-2"):  # tiny's VAE downsamples by 2 and sees 32x32 images
+        with pytest.raises(SystemExit):
+            main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, "--vae-crop", crop])
+    assert not (tmp_path / "bad").exists()
     main(["--work", str(tmp_path / "w"), "--out", str(out), *common, "--prediction-type", "v_prediction",
-          "--zero-terminal-snr"])
+          "--zero-terminal-snr", "--vae-crop", "16"])
     with open(out / "scheduler" / "scheduler_config.json") as f:
         sched = json.load(f)
     assert sched["_class_name"] == "DDIMScheduler" and sched["rescale_betas_zero_snr"] is True
@@ -147,6 +151,7 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     with open(out / "qlip_training.json") as f:
         info = json.load(f)
     assert info["prediction_type"] == "v_prediction" and info["zero_terminal_snr"] is True
+    assert info["vae_crop"] == 16
     sd = load_stable_diffusion(str(out))
     pipe = Text2Image(sd, "ddim", 4)
     assert int(pipe.sched.timesteps[0]) == 999 and float(pipe.sched.alphas_cumprod[999]) == 0.0
@@ -180,6 +185,9 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         assert len(ours) == len(saved) > 0
         assert all(np.array_equal(np.asarray(a), np.asarray(b).astype(np.float16)) for a, b in zip(ours, saved)), part
     assert mid.info["stopped_at"] == 2 and mid.info["diffusion_steps"] == 4
+    # the export trained nothing: only the first invocation's time is training time
+    assert len(mid.info["wall_clock_minutes"]["invocations"]) == 1
+    assert len(json.load(open(tmp_path / "a" / "wall_clock.json"))) == 1
     with pytest.raises(ValueError, match="past --stop-at 1"):
         main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
               "--export-on-stop", *common])
@@ -195,6 +203,7 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
+    assert len(info["wall_clock_minutes"]["invocations"]) == 2  # the first run and the resume
     assert info["object_weight"] == 4.0 and info["min_snr_gamma"] == 5.0 and info["v_weighting"] is True
     assert info["object_weight_captions"] == "exhaustive" and info["small_caption_weight"] == 2.0
     # refused: a negative gamma, a caption restriction of no object weight, a non-positive caption weight
@@ -202,6 +211,22 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         with pytest.raises(SystemExit):
             main(["--work", str(tmp_path / "c"), "--out", str(tmp_path / "c_out"), *common, *bad])
     assert not (tmp_path / "c").exists()
+
+
+def test_random_crops_are_windows_of_their_images():
+    from train.pretrain import random_crops
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    crops, offsets = random_crops(images, 32, np.random.default_rng(1))
+    assert crops.shape == (6, 32, 32, 3) and offsets.shape == (6, 2)
+    assert offsets.min() >= 0 and offsets.max() <= 32 and len({tuple(o) for o in offsets}) > 1
+    for im, crop, (y, x) in zip(images, crops, offsets):
+        np.testing.assert_array_equal(crop, im[y:y + 32, x:x + 32])
+    again, _ = random_crops(images, 32, np.random.default_rng(1))
+    np.testing.assert_array_equal(again, crops)  # seeded: a resumed run crops as the uninterrupted one
+    whole, offsets = random_crops(images, 64, np.random.default_rng(2))
+    np.testing.assert_array_equal(whole, images)
+    np.testing.assert_array_equal(offsets, 0)
 
 
 def test_batch_weights_only_for_captions_that_list_every_object():

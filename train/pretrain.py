@@ -57,7 +57,18 @@ def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
                                               end_value=lr * 0.1)
 
 
-def train_vae(args, configs: SDConfigs, params: dict, work: str) -> dict:
+def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size x size`` window of each image at a random position: ``images [B, H, W, C]`` ->
+    ``(crops [B, size, size, C], offsets [B, 2])`` with offsets ``(y, x)`` of each window's top left."""
+    b, h, w = images.shape[:3]
+    offsets = np.stack([rng.integers(0, h - size + 1, b), rng.integers(0, w - size + 1, b)], axis=1)
+    crops = np.stack([im[y:y + size, x:x + size] for im, (y, x) in zip(images, offsets)])
+    return crops, offsets
+
+
+def train_vae(args, configs: SDConfigs, params: dict, work: str) -> tuple[dict, int]:
+    """Stage 1: ``(params, steps trained by this invocation)``. With ``--vae-crop`` each step sees a random
+    window of each image (the VAE is convolutional; its mid-block attention sees a smaller grid)."""
     vae = AutoencoderKL(configs.vae)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(args.vae_lr, args.vae_steps, 200)))
     state = {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
@@ -72,13 +83,15 @@ def train_vae(args, configs: SDConfigs, params: dict, work: str) -> dict:
                disable=args.quiet)
     for s in bar:
         images, _, _ = scenes.training_batch(args.seed, s, args.vae_batch)
+        if args.vae_crop:
+            images, _ = random_crops(images, args.vae_crop, np.random.default_rng([args.seed, s, 0xC409]))
         x = images.astype(np.float32) / 127.5 - 1.0
         state, metrics = step_fn(state, x, jax.random.fold_in(key, s))
         if (s + 1) % 50 == 0:
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", l1=f"{float(metrics['l1']):.4f}")
         if (s + 1) % args.ckpt_every == 0 or s + 1 == args.vae_steps:
             ckpt.save(s + 1, state, {"stage": "vae"})
-    return state["params"]
+    return state["params"], max(0, args.vae_steps - start)
 
 
 def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: str) -> np.ndarray:
@@ -210,13 +223,15 @@ def training_schedule(config: SchedulerConfig, args) -> SchedulerConfig:
     return SchedulerConfig.from_dict({**config.to_dict(), **changes}, source="--prediction-type/--zero-terminal-snr")
 
 
-def _wall_clock(work: str, seconds: float) -> dict:
-    """Append this invocation's wall time to ``<work>/wall_clock.json``; the per-invocation list and total."""
+def _wall_clock(work: str, seconds: float, trained: bool) -> dict:
+    """Append this invocation's wall time to ``<work>/wall_clock.json`` if it trained a step (an invocation
+    that only exports a checkpoint is not training time); the per-invocation list and total."""
     path = os.path.join(work, "wall_clock.json")
     runs = json.load(open(path)) if os.path.isfile(path) else []
-    runs.append(round(seconds / 60, 1))
-    with open(path, "w") as f:
-        json.dump(runs, f)
+    if trained:
+        runs.append(round(seconds / 60, 1))
+        with open(path, "w") as f:
+            json.dump(runs, f)
     return {"invocations": runs, "total": round(sum(runs), 1)}
 
 
@@ -239,6 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-crop", type=int, default=0,
+                   help="train the VAE on random square windows of this side instead of whole images (0: whole; "
+                        "a multiple of the VAE's downsampling factor); a step costs about (crop / side)^2")
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--num-scenes", type=int, default=20000, help="training scenes encoded for stage 2")
     p.add_argument("--steps", type=int, default=6000)
@@ -300,6 +318,12 @@ def main(argv=None) -> int:
                 "v_prediction the loss is that already")
     if args.export_on_stop and args.stop_at is None:
         p.error("--export-on-stop exports where --stop-at stops; give --stop-at")
+    if args.vae_crop:
+        factor = 2 ** (len(preset(args.preset)["vae"]["block_out_channels"]) - 1)
+        side = preset(args.preset)["vae"]["sample_size"]
+        if args.vae_crop < 0 or args.vae_crop % factor or args.vae_crop > side:
+            p.error(f"--vae-crop must be a multiple of the VAE's downsampling factor {factor} between {factor} "
+                    f"and the image side {side}, got {args.vae_crop}")
     if args.object_weight_captions != "all" and args.object_weight == 0:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
@@ -334,8 +358,9 @@ def main(argv=None) -> int:
                   f"{args.seed}; a step's batch, timesteps and noise depend only on (seed, step), so this run "
                   f"draws the same ones as that run's first steps. A --seed not in {sorted(used)} gives fresh "
                   f"ones.", file=sys.stderr)
+    vae_trained = 0
     if args.vae_steps > 0:
-        params["vae"] = train_vae(args, configs, params["vae"], args.work)
+        params["vae"], vae_trained = train_vae(args, configs, params["vae"], args.work)
     latents = encode_training_latents(args, configs, params["vae"], args.work)
     scale = float(1.0 / latents.std())
     configs = dataclasses.replace(configs, vae=dataclasses.replace(configs.vae, scaling_factor=scale))
@@ -343,14 +368,15 @@ def main(argv=None) -> int:
           file=sys.stderr)
     ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
     stopped = args.stop_at is not None and args.stop_at < args.steps
+    trained = vae_trained > 0 or last_loss is not None
     if stopped and not args.export_on_stop:
-        _wall_clock(args.work, time.time() - t0)
+        _wall_clock(args.work, time.time() - t0, trained)
         print(f"[pretrain] stopped at step {args.stop_at} of {args.steps}; run again to resume", file=sys.stderr)
         return 0
 
     info = {"command": "python train/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
-            "vae_steps": args.vae_steps, "diffusion_steps": args.steps, "batch": args.batch,
+            "vae_steps": args.vae_steps, "vae_crop": args.vae_crop, "diffusion_steps": args.steps, "batch": args.batch,
             "num_scenes": args.num_scenes, "object_weight": args.object_weight,
             "object_weight_captions": args.object_weight_captions,
             "small_caption_weight": args.small_caption_weight,
@@ -358,7 +384,7 @@ def main(argv=None) -> int:
             "prediction_type": configs.scheduler.prediction_type,
             "zero_terminal_snr": configs.scheduler.rescale_betas_zero_snr, "final_loss": last_loss,
             "jax_version": jax.__version__,
-            "wall_clock_minutes": _wall_clock(args.work, time.time() - t0)}
+            "wall_clock_minutes": _wall_clock(args.work, time.time() - t0, trained)}
     if stopped:
         info["stopped_at"] = args.stop_at
     if earlier is not None:
