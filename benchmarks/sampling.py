@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
+def timed(fn, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     shape = (args.batch, q.num_steps, len(quant.registry))
     w4a8 = q.uniform_schedule(args.batch, 8)
 
-    rows = [("ours, float (jit)", *_timed(lambda: fp(emb, seeds, args.guidance), args.repeats)),
-            ("ours, W4A8 schedule (jit)", *_timed(lambda: q(emb, seeds, args.guidance, w4a8), args.repeats)),
+    rows = [("ours, float (jit)", *timed(lambda: fp(emb, seeds, args.guidance), args.repeats)),
+            ("ours, W4A8 schedule (jit)", *timed(lambda: q(emb, seeds, args.guidance, w4a8), args.repeats)),
             ("ours, random per-prompt schedules (jit)",
-             *_timed(lambda: q(emb, seeds, args.guidance,
+             *timed(lambda: q(emb, seeds, args.guidance,
                                rng.integers(0, quant.config.num_candidates, shape).astype(np.int32)),
                      args.repeats))]
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             ref(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
                 generator=torch.Generator().manual_seed(0))
 
-    rows.append(("diffusers PyTorch pipeline, float", *_timed(run_ref, args.repeats)))
+    rows.append(("diffusers PyTorch pipeline, float", *timed(run_ref, args.repeats)))
     base = rows[0][2]
     print(f"\nmodel: {folder}\nbatch {args.batch}, {args.steps} DDIM steps, CFG {args.guidance}, "
           f"{len(quant.registry)} quantized layers, {jax.device_count()} {jax.devices()[0].platform} device(s), "
