@@ -30,6 +30,7 @@ from tqdm import tqdm
 from qlip_jax.data import scenes
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
 from qlip_jax.models.clip import CLIPTextModel
+from qlip_jax.models.configs import VAEConfig
 from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import (SDConfigs, StableDiffusion, configs_from_dicts, init_params,
                                 load_stable_diffusion, save_stable_diffusion)
@@ -319,8 +320,8 @@ def main(argv=None) -> int:
     if args.export_on_stop and args.stop_at is None:
         p.error("--export-on-stop exports where --stop-at stops; give --stop-at")
     if args.vae_crop:
-        factor = 2 ** (len(preset(args.preset)["vae"]["block_out_channels"]) - 1)
-        side = preset(args.preset)["vae"]["sample_size"]
+        vae_config = VAEConfig.from_dict(preset(args.preset)["vae"], source=f"preset '{args.preset}'")
+        factor, side = vae_config.downsampling_factor, vae_config.sample_size
         if args.vae_crop < 0 or args.vae_crop % factor or args.vae_crop > side:
             p.error(f"--vae-crop must be a multiple of the VAE's downsampling factor {factor} between {factor} "
                     f"and the image side {side}, got {args.vae_crop}")

@@ -170,6 +170,11 @@ class UNetConfig:
     def transformer_layers(self) -> tuple[int, ...]:
         return self._per_block(self.transformer_layers_per_block)
 
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the lowest resolution is smaller than the input: ``2 ** (levels - 1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def to_dict(self) -> dict:
         return {"_class_name": "UNet2DConditionModel", **config_to_dict(self)}
 
@@ -214,6 +219,11 @@ class VAEConfig:
             raise ConfigError(f"{source}: down_block_types, up_block_types and block_out_channels "
                               "must have the same length")
         return cfg
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image side over latent side, ``f = 2 ** (levels - 1)`` (8 for SD v1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     def to_dict(self) -> dict:
         return {"_class_name": "AutoencoderKL", **config_to_dict(self)}

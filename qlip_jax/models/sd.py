@@ -110,7 +110,7 @@ def init_params(configs: SDConfigs, key: jax.Array) -> dict:
 
     k_unet, k_vae, k_text = jax.random.split(key, 3)
     u, v, t = configs.unet, configs.vae, configs.text
-    f = 2 ** (len(v.block_out_channels) - 1)
+    f = v.downsampling_factor
     unet = UNet2DConditionModel(u).init(
         k_unet, jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)), jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, t.max_position_embeddings, t.hidden_size)))["params"]

@@ -195,7 +195,7 @@ def unet_registry(config: UNetConfig, latent_hw: tuple[int, int], context_shape:
 
 def abstract_unet_params(config: UNetConfig, context_dim: int | None = None) -> dict:
     """Param tree of shapes (``ShapeDtypeStruct``s) for ``config``, without computing anything."""
-    size = 2 ** (len(config.block_out_channels) - 1)
+    size = config.downsampling_factor
     spec = jax.ShapeDtypeStruct
     tree = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.key(0),
                           spec((1, size, size, config.in_channels), jnp.float32), spec((1,), jnp.int32),

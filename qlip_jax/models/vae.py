@@ -182,7 +182,7 @@ def rename_legacy_keys(tensors: dict) -> dict:
 
 
 def abstract_vae_params(config: VAEConfig) -> dict:
-    f = 2 ** (len(config.block_out_channels) - 1)
+    f = config.downsampling_factor
     x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
     return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x)["params"]
 

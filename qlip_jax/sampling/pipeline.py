@@ -87,10 +87,10 @@ class Text2Image:
         cfg = sd.configs
         self.sched = schedulers.make_scheduler(scheduler, cfg.scheduler, steps, eta=eta)
         self.num_steps = int(self.sched.timesteps.shape[0])
-        factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+        factor = cfg.vae.downsampling_factor
         height = height or cfg.unet.sample_size * factor
         width = width or cfg.unet.sample_size * factor
-        if height % (factor * 2 ** (len(cfg.unet.block_out_channels) - 1)) or width % factor:
+        if height % (factor * cfg.unet.downsampling_factor) or width % factor:
             raise ValueError(f"image size {height}x{width} is not compatible with the model's "
                              f"downsampling factors")
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
