@@ -7,7 +7,8 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
-from qlip_jax.data.scenes import Caption, SceneObject, StatedObject, make_caption, render, sample_scene
+from qlip_jax.data.scenes import (Caption, SceneObject, StatedObject, make_caption, render, sample_scene,
+                                   split_seeds)
 from qlip_jax.metrics.parser import (ParsedScene, SceneParserNet, alignment_score, batch_labels,
                                      macro_f1, make_parser_step, parser_loss)
 from qlip_jax.models.presets import preset
@@ -138,12 +139,14 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
             main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, *bad])
     assert not (tmp_path / "bad").exists()
     out = tmp_path / "out"
-    for crop in ("3", "64", "-2"):  # tiny's VAE downsamples by 2 and sees 32x32 images
+    refused = [["--vae-crop", c] for c in ("3", "64", "-2")]  # tiny's VAE downsamples by 2, sees 32x32 images
+    refused += [["--single-object-share", p] for p in ("0", "1", "1.5")]
+    for bad in refused:
         with pytest.raises(SystemExit):
-            main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, "--vae-crop", crop])
+            main(["--work", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out"), *common, *bad])
     assert not (tmp_path / "bad").exists()
     main(["--work", str(tmp_path / "w"), "--out", str(out), *common, "--prediction-type", "v_prediction",
-          "--zero-terminal-snr", "--vae-crop", "16"])
+          "--zero-terminal-snr", "--vae-crop", "16", "--single-object-share", "0.5"])
     with open(out / "scheduler" / "scheduler_config.json") as f:
         sched = json.load(f)
     assert sched["_class_name"] == "DDIMScheduler" and sched["rescale_betas_zero_snr"] is True
@@ -151,7 +154,7 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     with open(out / "qlip_training.json") as f:
         info = json.load(f)
     assert info["prediction_type"] == "v_prediction" and info["zero_terminal_snr"] is True
-    assert info["vae_crop"] == 16
+    assert info["vae_crop"] == 16 and info["single_object_share"] == 0.5
     sd = load_stable_diffusion(str(out))
     pipe = Text2Image(sd, "ddim", 4)
     assert int(pipe.sched.timesteps[0]) == 999 and float(pipe.sched.alphas_cumprod[999]) == 0.0
@@ -227,6 +230,28 @@ def test_random_crops_are_windows_of_their_images():
     whole, offsets = random_crops(images, 64, np.random.default_rng(2))
     np.testing.assert_array_equal(whole, images)
     np.testing.assert_array_equal(offsets, 0)
+
+
+def test_draw_scene_ids_single_object_share():
+    """The share of single-object scenes is the one asked for, every draw is a scene of the right kind,
+    draws are seeded; without a share, the uniform draw of earlier runs (same ids for the same rng)."""
+    from qlip_jax.data.scenes import train_object_counts
+    from train.pretrain import draw_scene_ids
+
+    counts = train_object_counts(400)
+    assert set(np.unique(counts)) == {1, 2, 3, 4}
+    seeds = split_seeds("train")
+    assert [len(sample_scene(seeds[i]).objects) for i in range(20)] == list(counts[:20])
+    ids = draw_scene_ids(np.random.default_rng(3), counts, 4000, 0.7)
+    single = counts[ids] == 1
+    assert abs(single.mean() - 0.7) < 0.03 and abs((counts == 1).mean() - 0.25) < 0.06
+    assert len(np.unique(ids[single])) > 0.8 * (counts == 1).sum()  # spread over all single-object scenes
+    assert set(counts[ids[~single]]) == {2, 3, 4}
+    np.testing.assert_array_equal(draw_scene_ids(np.random.default_rng(3), counts, 4000, 0.7), ids)
+    np.testing.assert_array_equal(draw_scene_ids(np.random.default_rng(5), counts, 64, None),
+                                  np.random.default_rng(5).integers(0, len(counts), 64))
+    with pytest.raises(ValueError, match="one object and of several"):
+        draw_scene_ids(np.random.default_rng(0), np.full(10, 2), 4, 0.5)
 
 
 def test_batch_weights_only_for_captions_that_list_every_object():

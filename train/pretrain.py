@@ -156,6 +156,23 @@ def batch_weights(weights: np.ndarray | None, ids: np.ndarray, captions: list, d
     return w
 
 
+def draw_scene_ids(rng: np.random.Generator, counts: np.ndarray, batch: int,
+                   single_share: float | None) -> np.ndarray:
+    """Indices ``[batch]`` into the encoded training scenes, whose object counts are ``counts [N]``.
+
+    ``single_share`` None: uniform over the scenes (a quarter of them have one object). Otherwise each
+    sample is a uniform single-object scene with that probability, else a uniform scene of 2-4 objects.
+    """
+    if single_share is None:
+        return rng.integers(0, len(counts), batch)
+    single, several = np.flatnonzero(counts == 1), np.flatnonzero(counts != 1)
+    if not len(single) or not len(several):
+        raise ValueError(f"--single-object-share needs scenes of one object and of several among the "
+                         f"{len(counts)} encoded ones; got {len(single)} and {len(several)}")
+    pick = rng.random(batch) < single_share
+    return np.where(pick, rng.choice(single, batch), rng.choice(several, batch))
+
+
 def tokenize(tokenizer, texts: list[str], length: int) -> np.ndarray:
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                      return_tensors="np")["input_ids"].astype(np.int32)
@@ -180,6 +197,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     weights = object_weights(args, latents.shape, work)
     if weights is None and args.small_caption_weight != 1.0:
         weights = np.ones(latents.shape[:3], np.float32)
+    counts = scenes.train_object_counts(latents.shape[0]) if args.single_object_share is not None else None
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
     step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None,
                                   args.v_weighting, configs.scheduler.prediction_type)
@@ -194,7 +212,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
-        ids = rng.integers(0, latents.shape[0], args.batch)
+        ids = (rng.integers(0, latents.shape[0], args.batch) if counts is None else
+               draw_scene_ids(rng, counts, args.batch, args.single_object_share))
         captions = scenes.random_captions(ids, rng)
         dropped = rng.random(args.batch) < args.cond_dropout
         texts = ["" if drop else c.text for c, drop in zip(captions, dropped)]
@@ -265,6 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--cond-dropout", type=float, default=0.1)
+    p.add_argument("--single-object-share", type=float, default=None, metavar="P",
+                   help="draw a single-object scene for this share of the diffusion stage's samples, a scene "
+                        "of 2-4 objects for the rest (default: uniform over the scenes, about 0.25 single)")
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the diffusion loss of each latent cell by 1 + this x the share of its pixels "
                         "objects cover (0: plain mean; the shipped model was trained with 0)")
@@ -309,6 +331,8 @@ def main(argv=None) -> int:
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.single_object_share is not None and not 0 < args.single_object_share < 1:
+        p.error(f"--single-object-share must be strictly between 0 and 1, got {args.single_object_share}")
     if args.small_caption_weight <= 0:
         p.error(f"--small-caption-weight must be > 0, got {args.small_caption_weight}")
     if args.zero_terminal_snr and args.prediction_type != "v_prediction":
@@ -378,7 +402,8 @@ def main(argv=None) -> int:
     info = {"command": "python train/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "seed": args.seed, "data_version": scenes.DATA_VERSION,
             "vae_steps": args.vae_steps, "vae_crop": args.vae_crop, "diffusion_steps": args.steps, "batch": args.batch,
-            "num_scenes": args.num_scenes, "object_weight": args.object_weight,
+            "num_scenes": args.num_scenes, "single_object_share": args.single_object_share,
+            "object_weight": args.object_weight,
             "object_weight_captions": args.object_weight_captions,
             "small_caption_weight": args.small_caption_weight,
             "min_snr_gamma": args.min_snr_gamma, "v_weighting": args.v_weighting,

@@ -343,6 +343,13 @@ def random_captions(scene_ids: np.ndarray, rng: np.random.Generator) -> list[Cap
     return [make_caption(sample_scene(seeds[int(i)]), int(rng.integers(5)), rng) for i in scene_ids]
 
 
+def train_object_counts(n: int | None = None) -> np.ndarray:
+    """Number of objects ``[n]`` of the first ``n`` train-split scenes (all of them by default)."""
+    seeds = split_seeds("train")
+    n = len(seeds) if n is None else min(n, len(seeds))
+    return np.array([len(sample_scene(seeds[i]).objects) for i in range(n)], np.int32)
+
+
 def iterate_train_images(batch_size: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """All train-split scenes in order: ``(scene_ids [b], images uint8 [b, 64, 64, 3])``."""
     seeds = split_seeds("train")
