@@ -199,3 +199,17 @@ def test_guidance_combine_matches_diffusers_rescale():
     assert np.abs(got - guided).max() > 0.1
     with pytest.raises(ValueError, match="guidance_rescale"):
         Text2Image.__new__(Text2Image).__init__(None, guidance_rescale=1.5)
+
+
+def test_image_size_must_suit_both_downsamplings(tiny_sd):
+    """Height and width are held to the same multiple (VAE factor x UNet factor); a side that is only a
+    multiple of the VAE's factor would give a latent the UNet cannot halve back, and is refused."""
+    cfg = tiny_sd.configs
+    f, m = cfg.vae.downsampling_factor, cfg.vae.downsampling_factor * cfg.unet.downsampling_factor
+    assert m > f  # the tiny model has both downsamplings, so the bad sides below are multiples of f only
+    side = cfg.unet.sample_size * f
+    pipe = Text2Image(tiny_sd, "ddim", 2, height=side + m, width=side - m)
+    assert pipe.latent_shape[:2] == ((side + m) // f, (side - m) // f)
+    for height, width in ((side + f, side), (side, side + f)):
+        with pytest.raises(ValueError, match=f"multiples of {m}"):
+            Text2Image(tiny_sd, "ddim", 2, height=height, width=width)

@@ -90,9 +90,10 @@ class Text2Image:
         factor = cfg.vae.downsampling_factor
         height = height or cfg.unet.sample_size * factor
         width = width or cfg.unet.sample_size * factor
-        if height % (factor * cfg.unet.downsampling_factor) or width % factor:
+        multiple = factor * cfg.unet.downsampling_factor  # the UNet halves the latent side (levels - 1) times
+        if height % multiple or width % multiple:
             raise ValueError(f"image size {height}x{width} is not compatible with the model's "
-                             f"downsampling factors")
+                             f"downsampling factors: both sides must be multiples of {multiple}")
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
         self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
         self.vae = AutoencoderKL(cfg.vae)
