@@ -356,3 +356,22 @@ def test_macro_f1():
     t = np.array([[1, 0], [0, 1], [1, 1]])
     assert macro_f1(t, t) == 1.0
     assert macro_f1(t, np.array([[1, 0], [0, 0], [1, 1]])) == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
+    """``mini-sd-s`` takes a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
+    param shapes; its UNet and text encoder are smaller; and ``preset`` hands out independent copies
+    (the two presets share one VAE dict in the module)."""
+    def shapes(name):
+        configs = configs_from_dicts(preset(name))
+        return jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda k: init_params(configs, k), jax.random.key(0)))
+
+    big, small = shapes("mini-sd"), shapes("mini-sd-s")
+    assert small["vae"] == big["vae"]
+    for part in ("unet", "text_encoder"):
+        n_big = sum(np.prod(s) for s in jax.tree.leaves(big[part], is_leaf=lambda x: isinstance(x, tuple)))
+        n_small = sum(np.prod(s) for s in jax.tree.leaves(small[part], is_leaf=lambda x: isinstance(x, tuple)))
+        assert n_small < 0.6 * n_big, (part, n_small, n_big)
+    mutated = preset("mini-sd-s")
+    mutated["vae"]["block_out_channels"][0] = 1
+    assert preset("mini-sd")["vae"]["block_out_channels"][0] == 16

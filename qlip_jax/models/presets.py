@@ -8,6 +8,10 @@ levels (factor 8) like SD's; UNet with cross-attention down/up blocks, an attent
 plain block at the lowest resolution, like SD's (three levels instead of four); a 4-layer CLIP text
 transformer over the real CLIP BPE vocabulary (77 tokens).
 
+``mini-sd-s``: ``mini-sd`` with the UNet and the text encoder at half width (same VAE, so latents and a
+trained VAE carry over), about a quarter of a diffusion training step's FLOPs (8.8 against 32.4 GFLOP
+at batch 32, ``benchmarks/training.py``); made for issue #4's 90-minute training budget (README).
+
 ``tiny`` is for tests: the same structure at the smallest widths that still exercise every code path.
 """
 
@@ -43,6 +47,22 @@ PRESETS = {
         },
         "scheduler": _SCHEDULER,
     },
+    "mini-sd-s": {  # mini-sd at half the UNet and text-encoder widths (same VAE): ~1/4 of the FLOPs
+        "vae": None,  # filled below: mini-sd's
+        "unet": {
+            "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 64, "attention_head_dim": 2, "norm_num_groups": 8,
+        },
+        "text_encoder": {
+            "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "projection_dim": 64, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+        },
+        "scheduler": _SCHEDULER,
+    },
     "tiny": {
         "vae": {
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
@@ -65,6 +85,8 @@ PRESETS = {
         "scheduler": _SCHEDULER,
     },
 }
+
+PRESETS["mini-sd-s"]["vae"] = PRESETS["mini-sd"]["vae"]
 
 
 def preset(name: str) -> dict:
