@@ -361,7 +361,7 @@ def test_macro_f1():
 def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
     """``mini-sd-s`` takes a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
     param shapes; its UNet and text encoder are smaller; and ``preset`` hands out independent copies
-    (the two presets share one VAE dict in the module)."""
+    (a variant must not reach back into its base)."""
     def shapes(name):
         configs = configs_from_dicts(preset(name))
         return jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda k: init_params(configs, k), jax.random.key(0)))

@@ -47,22 +47,6 @@ PRESETS = {
         },
         "scheduler": _SCHEDULER,
     },
-    "mini-sd-s": {  # mini-sd at half the UNet and text-encoder widths (same VAE): ~1/4 of the FLOPs
-        "vae": None,  # filled below: mini-sd's
-        "unet": {
-            "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": [32, 64, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 64, "attention_head_dim": 2, "norm_num_groups": 8,
-        },
-        "text_encoder": {
-            "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
-            "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-            "projection_dim": 64, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
-        },
-        "scheduler": _SCHEDULER,
-    },
     "tiny": {
         "vae": {
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
@@ -86,7 +70,24 @@ PRESETS = {
     },
 }
 
-PRESETS["mini-sd-s"]["vae"] = PRESETS["mini-sd"]["vae"]
+
+def _variant(base: str, **overrides: dict) -> dict:
+    """A copy of preset ``base`` with some fields of some parts replaced: ``unet={...}`` etc."""
+    d = copy.deepcopy(PRESETS[base])
+    for part, fields in overrides.items():
+        unknown = set(fields) - set(d[part])
+        if unknown:
+            raise ValueError(f"preset '{base}' has no {part} field(s) {sorted(unknown)}")
+        d[part].update(fields)
+    return d
+
+
+PRESETS["mini-sd-s"] = _variant(
+    "mini-sd",
+    unet={"block_out_channels": [32, 64, 64], "cross_attention_dim": 64, "attention_head_dim": 2,
+          "norm_num_groups": 8},
+    text_encoder={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "projection_dim": 64},
+)
 
 
 def preset(name: str) -> dict:
