@@ -375,3 +375,10 @@ def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
     mutated = preset("mini-sd-s")
     mutated["vae"]["block_out_channels"][0] = 1
     assert preset("mini-sd")["vae"]["block_out_channels"][0] == 16
+
+
+def test_preset_variant_refuses_a_field_its_base_lacks():
+    from qlip_jax.models.presets import _variant
+    assert _variant("tiny", unet={"norm_num_groups": 4})["unet"]["norm_num_groups"] == 4
+    with pytest.raises(ValueError, match=r"no unet field\(s\) \['block_out_channel'\]"):
+        _variant("tiny", unet={"block_out_channel": [8, 16]})
