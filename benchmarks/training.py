@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
 
     configs = configs_from_dicts(preset(args.preset))
+    if (why := configs.vae.window_error(args.vae_crop)):
+        p.error(f"--vae-crop: {why}")
+    if min(args.batch) < 1 or args.vae_batch < 1 or args.repeats < 1:
+        p.error("--batch, --vae-batch and --repeats must be >= 1")
     params = init_params(configs, jax.random.key(0))
     vae, text, unet = AutoencoderKL(configs.vae), CLIPTextModel(configs.text), UNet2DConditionModel(configs.unet)
     key = jax.random.key(1)
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     row("optimizer update (clip + AdamW)",
         lambda st, g: optax.apply_updates(st["params"], tx.update(g, st["opt"], st["params"])[0]), state, trainable)
 
-    base = rows[2][2]
+    base = next(med for name, _, med, _ in rows if name.startswith("diffusion step"))
     print(f"\npreset {args.preset}, {jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}\n")
     print(f"| {'what':36s} | first call (s) | median (s) | GFLOP | GFLOP/s | ratio to first diffusion step |")
     print(f"|{'-' * 38}|----------------|------------|-------|---------|-------------------------------|")

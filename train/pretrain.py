@@ -345,10 +345,8 @@ def main(argv=None) -> int:
         p.error("--export-on-stop exports where --stop-at stops; give --stop-at")
     if args.vae_crop:
         vae_config = VAEConfig.from_dict(preset(args.preset)["vae"], source=f"preset '{args.preset}'")
-        factor, side = vae_config.downsampling_factor, vae_config.sample_size
-        if args.vae_crop < 0 or args.vae_crop % factor or args.vae_crop > side:
-            p.error(f"--vae-crop must be a multiple of the VAE's downsampling factor {factor} between {factor} "
-                    f"and the image side {side}, got {args.vae_crop}")
+        if (why := vae_config.window_error(args.vae_crop)):
+            p.error(f"--vae-crop: {why}")
     if args.object_weight_captions != "all" and args.object_weight == 0:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")

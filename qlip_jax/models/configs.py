@@ -225,6 +225,15 @@ class VAEConfig:
         """Image side over latent side, ``f = 2 ** (levels - 1)`` (8 for SD v1)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def window_error(self, side: int) -> str | None:
+        """Why a square training window of ``side`` pixels does not fit this VAE, or None if it does: it must
+        be a multiple of the downsampling factor, from one factor up to ``sample_size``."""
+        f = self.downsampling_factor
+        if side < f or side % f or side > self.sample_size:
+            return (f"a window side must be a multiple of the VAE's downsampling factor {f} between {f} "
+                    f"and the image side {self.sample_size}, got {side}")
+        return None
+
     def to_dict(self) -> dict:
         return {"_class_name": "AutoencoderKL", **config_to_dict(self)}
 
