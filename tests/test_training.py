@@ -386,9 +386,6 @@ def test_preset_variant_refuses_a_field_its_base_lacks():
 
 
 def test_vae_window_error_accepts_exactly_the_multiples_of_the_factor_up_to_the_image_side():
-    from qlip_jax.models.configs import VAEConfig
-    from qlip_jax.models.presets import preset
-
-    vae = VAEConfig.from_dict(preset("mini-sd")["vae"])  # factor 8, 64x64 images
+    vae = configs_from_dicts(preset("mini-sd")).vae  # factor 8, 64x64 images
     assert [s for s in range(-8, 80) if vae.window_error(s) is None] == [8, 16, 24, 32, 40, 48, 56, 64]
     assert "factor 8" in vae.window_error(30) and "got 72" in vae.window_error(72)
