@@ -389,3 +389,21 @@ def test_vae_window_error_accepts_exactly_the_multiples_of_the_factor_up_to_the_
     vae = configs_from_dicts(preset("mini-sd")).vae  # factor 8, 64x64 images
     assert [s for s in range(-8, 80) if vae.window_error(s) is None] == [8, 16, 24, 32, 40, 48, 56, 64]
     assert "factor 8" in vae.window_error(30) and "got 72" in vae.window_error(72)
+
+
+def test_grid_sampler_reuses_its_compiled_loop(tmp_path, tokenizer_dir):
+    """The periodic sample grids trace the sampler once; new params change the images, not the program."""
+    from PIL import Image
+
+    from qlip_jax.data.tokenizer import load_tokenizer
+    from train.pretrain import GridSampler
+
+    configs = configs_from_dicts(preset("tiny"))
+    grid = GridSampler(configs, load_tokenizer(tokenizer_dir), ["a red star", "a shape"], 3.0)
+    pngs = []
+    for i in range(2):
+        path = tmp_path / f"step{i}.png"
+        grid(init_params(configs, jax.random.key(i)), str(path))
+        pngs.append(np.asarray(Image.open(path)))
+    assert grid.sampler.trace_count == 1
+    assert pngs[0].shape == pngs[1].shape and not np.array_equal(pngs[0], pngs[1])
