@@ -359,7 +359,7 @@ def test_macro_f1():
 
 
 def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
-    """``mini-sd-s`` takes a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
+    """``mini-sd-s`` (and ``mini-sd-m``) take a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
     param shapes; its UNet and text encoder are smaller; and ``preset`` hands out independent copies
     (a variant must not reach back into its base)."""
     def abstract(name):  # ShapeDtypeStructs only: nothing is initialised
@@ -373,6 +373,11 @@ def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
     assert jax.tree.map(lambda a: a.shape, small["vae"]) == jax.tree.map(lambda a: a.shape, big["vae"])
     for part in ("unet", "text_encoder"):
         assert n_params(small[part]) < 0.6 * n_params(big[part]), (part, n_params(small[part]), n_params(big[part]))
+    # mini-sd-m: mini-sd-s's text encoder and VAE, a UNet between the two
+    medium = abstract("mini-sd-m")
+    for part in ("vae", "text_encoder"):
+        assert jax.tree.map(lambda a: a.shape, medium[part]) == jax.tree.map(lambda a: a.shape, small[part])
+    assert n_params(small["unet"]) < n_params(medium["unet"]) < n_params(big["unet"])
     mutated = preset("mini-sd-s")
     mutated["vae"]["block_out_channels"][0] = 1
     assert preset("mini-sd")["vae"]["block_out_channels"][0] == 16

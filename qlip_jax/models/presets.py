@@ -12,6 +12,10 @@ transformer over the real CLIP BPE vocabulary (77 tokens).
 trained VAE carry over), about a quarter of a diffusion training step's FLOPs (8.8 against 32.4 GFLOP
 at batch 32, ``benchmarks/training.py``); made for issue #4's 90-minute training budget (README).
 
+``mini-sd-m``: ``mini-sd-s`` with the UNet at three quarters of ``mini-sd``'s width (48-96-96 channels;
+same text encoder and VAE): 14.3 GFLOP a step at batch 32, 1.25 times ``mini-sd-s``'s time here
+(``benchmarks/training.py``), to test whether ``mini-sd-s``'s plateau is the UNet's capacity (README #4).
+
 ``tiny`` is for tests: the same structure at the smallest widths that still exercise every code path.
 """
 
@@ -87,6 +91,11 @@ PRESETS["mini-sd-s"] = _variant(
     unet={"block_out_channels": [32, 64, 64], "cross_attention_dim": 64, "attention_head_dim": 2,
           "norm_num_groups": 8},
     text_encoder={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "projection_dim": 64},
+)
+
+PRESETS["mini-sd-m"] = _variant(
+    "mini-sd-s",
+    unet={"block_out_channels": [48, 96, 96]},
 )
 
 
