@@ -359,7 +359,7 @@ def test_macro_f1():
 
 
 def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
-    """``mini-sd-s`` (and ``mini-sd-m``) take a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
+    """``mini-sd-s`` (and ``mini-sd-m``, ``mini-sd-t``) take a trained ``mini-sd`` VAE (``--init-from ... --init-parts vae``): same VAE
     param shapes; its UNet and text encoder are smaller; and ``preset`` hands out independent copies
     (a variant must not reach back into its base)."""
     def abstract(name):  # ShapeDtypeStructs only: nothing is initialised
@@ -378,6 +378,11 @@ def test_small_preset_shares_the_vae_and_halves_the_trained_parts():
     for part in ("vae", "text_encoder"):
         assert jax.tree.map(lambda a: a.shape, medium[part]) == jax.tree.map(lambda a: a.shape, small[part])
     assert n_params(small["unet"]) < n_params(medium["unet"]) < n_params(big["unet"])
+    # mini-sd-t: mini-sd's text encoder and VAE, a UNet between mini-sd-s's and mini-sd-m's
+    text = abstract("mini-sd-t")
+    for part in ("vae", "text_encoder"):
+        assert jax.tree.map(lambda a: a.shape, text[part]) == jax.tree.map(lambda a: a.shape, big[part])
+    assert n_params(small["unet"]) < n_params(text["unet"]) < n_params(medium["unet"])
     mutated = preset("mini-sd-s")
     mutated["vae"]["block_out_channels"][0] = 1
     assert preset("mini-sd")["vae"]["block_out_channels"][0] == 16

@@ -16,6 +16,10 @@ at batch 32, ``benchmarks/training.py``); made for issue #4's 90-minute training
 same text encoder and VAE): 14.3 GFLOP a step at batch 32, 1.25 times ``mini-sd-s``'s time here
 (``benchmarks/training.py``), to test whether ``mini-sd-s``'s plateau is the UNet's capacity (README #4).
 
+``mini-sd-t``: ``mini-sd-s``'s UNet widths with ``mini-sd``'s full text encoder (cross-attention over
+128-wide text states): 19.0 GFLOP a step at batch 32, 1.34 times ``mini-sd-s``'s time here, to test
+whether the plateau is the text encoder's capacity (README #4).
+
 ``tiny`` is for tests: the same structure at the smallest widths that still exercise every code path.
 """
 
@@ -96,6 +100,11 @@ PRESETS["mini-sd-s"] = _variant(
 PRESETS["mini-sd-m"] = _variant(
     "mini-sd-s",
     unet={"block_out_channels": [48, 96, 96]},
+)
+
+PRESETS["mini-sd-t"] = _variant(
+    "mini-sd",
+    unet={"block_out_channels": [32, 64, 64], "attention_head_dim": 2, "norm_num_groups": 8},
 )
 
 
