@@ -1,10 +1,12 @@
 """The jitted text-to-image loop: parity with diffusers, one compilation, batch independence,
 sharding, errors."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,6 +53,22 @@ def test_one_compilation_for_many_schedules_and_prompts(setup):
         sched = rng.integers(0, k, (2, steps, layers)).astype(np.int32)
         pipe(pipe.encode(prompts), rng.integers(0, 1000, 2), float(rng.uniform(1, 8)), sched)
     assert pipe.trace_count == traces
+
+
+def test_with_params_reuses_the_compiled_loop_and_leaves_the_original(setup):
+    """Other weights through ``with_params`` sample as a sampler built on them would, without a new
+    trace, and the original sampler keeps its own weights."""
+    sd, _ = setup
+    pipe = Text2Image(sd, "ddim", steps=6)
+    before = pipe.generate(PROMPTS[:2], guidance=3.0)
+    other = jax.tree.map(lambda x: x * 1.1, sd.params)
+    swapped = pipe.with_params(other).generate(PROMPTS[:2], guidance=3.0)
+    assert pipe.trace_count == 1
+    fresh = Text2Image(dataclasses.replace(sd, params=other), "ddim", steps=6)
+    assert np.array_equal(swapped, fresh.generate(PROMPTS[:2], guidance=3.0))
+    assert not np.array_equal(swapped, before)
+    assert np.array_equal(pipe.generate(PROMPTS[:2], guidance=3.0), before)
+    assert pipe.sd.params is sd.params
 
 
 def test_batch_independence(setup):

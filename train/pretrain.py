@@ -190,8 +190,7 @@ class GridSampler:
     def __call__(self, params: dict, path: str) -> None:
         if self.sampler is None:
             self.sampler = Text2Image(StableDiffusion(self.configs, params, self.tokenizer), "ddim", 25)
-        self.sampler.sd.params = params
-        images = self.sampler.generate(self.prompts, seed=0, guidance=self.guidance)
+        images = self.sampler.with_params(params).generate(self.prompts, seed=0, guidance=self.guidance)
         save_grid(path, images, self.prompts, cols=len(self.prompts) // 2)
 
 

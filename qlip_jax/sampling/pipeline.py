@@ -28,6 +28,7 @@ its image does not depend on the rest of the batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -102,9 +103,23 @@ class Text2Image:
         if self._ptqd:
             ptqd.check_sampler(quant.ptqd, self.sched)
             self._mac_share = ptqd.mac_shares(quant.registry)
-        self.trace_count = 0  # incremented each time the sampling function is traced (tests)
+        self._traces = [0]  # times the sampling function was traced (tests); shared by with_params copies
         self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._sample = jax.jit(self._sample_impl, static_argnames="keep_trajectory")
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the jitted sampling function has been traced (compiled), over this sampler
+        and every :meth:`with_params` copy of it."""
+        return self._traces[0]
+
+    def with_params(self, params: dict) -> "Text2Image":
+        """This sampler with other weights ``{'unet', 'vae', 'text_encoder'}`` of the same shapes, e.g.
+        a training run's EMA weights at each sample grid. The copy shares the jitted encoder and sampling
+        loop (params are their arguments), so it reuses what they compiled; ``self`` is unchanged."""
+        new = copy.copy(self)
+        new.sd = dataclasses.replace(self.sd, params=params)
+        return new
 
     # ------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -230,7 +245,7 @@ class Text2Image:
                      keep_trajectory=False):
         """Traced body. ``cond, uncond [B, M, D]``, ``seeds [B]``, ``schedule [B, T, L]`` or None,
         ``init_latents [B, h, w, c]`` or None (drawn from the seeds), ``guidance [T]``."""
-        self.trace_count += 1
+        self._traces[0] += 1
         sched = self.sched
         keys = jax.vmap(jax.random.key)(seeds)                       # [B] one stream per prompt
         draw = jax.vmap(lambda k, purpose, i: jax.random.normal(
