@@ -28,6 +28,38 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    import jax.monitoring
+
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+# Where the suite's time goes: XLA compiles (count and seconds) per test, printed at the end of a run.
+_COMPILE = {"test": None, "per_test": {}}
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration" and _COMPILE["test"] is not None:
+        n, s = _COMPILE["per_test"].get(_COMPILE["test"], (0, 0.0))
+        _COMPILE["per_test"][_COMPILE["test"]] = (n + 1, s + seconds)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _COMPILE["test"] = item.nodeid
+    try:
+        return (yield)
+    finally:
+        _COMPILE["test"] = None
+
+
+def pytest_terminal_summary(terminalreporter):
+    rows = sorted(_COMPILE["per_test"].items(), key=lambda kv: -kv[1][1])[:25]
+    if rows:
+        total_n = sum(n for n, _ in _COMPILE["per_test"].values())
+        total_s = sum(s for _, s in _COMPILE["per_test"].values())
+        terminalreporter.section(f"XLA compiles: {total_n} in {total_s:.0f} s (setup included); the 25 costliest tests")
+        for nodeid, (n, s) in rows:
+            terminalreporter.write_line(f"{s:8.1f} s {n:5d} compiles  {nodeid}")
 
 
 def perturb_(module, scale: float = 0.05, seed: int = 0) -> None:
