@@ -103,7 +103,11 @@ def configs_from_dicts(d: dict) -> SDConfigs:
 
 
 def init_params(configs: SDConfigs, key: jax.Array) -> dict:
-    """Randomly initialised params of the three networks (Flax default initialisers)."""
+    """Randomly initialised params of the three networks (Flax default initialisers).
+
+    Each network's ``init`` runs as one jitted program: run op by op it compiled one small program per
+    operation (580 for the ``tiny`` preset), which dominated the start of every test and pretraining run.
+    """
     from qlip_jax.models.clip import CLIPTextModel
     from qlip_jax.models.unet import UNet2DConditionModel
     from qlip_jax.models.vae import AutoencoderKL
@@ -111,9 +115,12 @@ def init_params(configs: SDConfigs, key: jax.Array) -> dict:
     k_unet, k_vae, k_text = jax.random.split(key, 3)
     u, v, t = configs.unet, configs.vae, configs.text
     f = v.downsampling_factor
-    unet = UNet2DConditionModel(u).init(
-        k_unet, jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, t.max_position_embeddings, t.hidden_size)))["params"]
-    vae = AutoencoderKL(v).init(k_vae, jnp.zeros((1, f, f, v.in_channels)))["params"]
-    text = CLIPTextModel(t).init(k_text, jnp.zeros((1, t.max_position_embeddings), jnp.int32))["params"]
+
+    def init(module, k, *example):
+        return jax.jit(lambda k, *x: module.init(k, *x)["params"])(k, *example)
+
+    unet = init(UNet2DConditionModel(u), k_unet, jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)),
+                jnp.zeros((1,), jnp.int32), jnp.zeros((1, t.max_position_embeddings, t.hidden_size)))
+    vae = init(AutoencoderKL(v), k_vae, jnp.zeros((1, f, f, v.in_channels)))
+    text = init(CLIPTextModel(t), k_text, jnp.zeros((1, t.max_position_embeddings), jnp.int32))
     return {"unet": unet, "vae": vae, "text_encoder": text}
