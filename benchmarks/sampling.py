@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from qlip_jax.errors import program
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -31,6 +32,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

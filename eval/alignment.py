@@ -36,6 +36,7 @@ from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import AutoencoderKL
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
+from qlip_jax.errors import program
 
 
 def vae_round_trip(sd, images: np.ndarray, batch: int) -> np.ndarray:
@@ -79,6 +80,7 @@ def compare_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

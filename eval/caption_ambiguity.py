@@ -23,6 +23,7 @@ import numpy as np
 
 from qlip_jax.data import scenes
 from qlip_jax.metrics.parser import ParsedScene, alignment_score
+from qlip_jax.errors import program
 
 
 def v1_text(text: str) -> str:
@@ -58,6 +59,7 @@ def one_object_texts(draws: int, seed: int, v1_texts: bool = False
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--draws", type=int, default=60000)

@@ -34,6 +34,7 @@ from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
+from qlip_jax.errors import program
 
 
 def clean_predictor(pipe: Text2Image):
@@ -63,6 +64,7 @@ def placement_share(images: np.ndarray, backgrounds: np.ndarray, masks: np.ndarr
     return (dev * masks).sum((1, 2)) / np.maximum(dev.sum((1, 2)), 1e-12)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

@@ -20,8 +20,10 @@ import argparse
 import sys
 
 from qlip_jax.evaluation import add_arguments, run_evaluation
+from qlip_jax.errors import program
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quant", action="append", default=[], metavar="DIR",

@@ -40,6 +40,7 @@ from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.errors import program
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -50,6 +51,7 @@ def parse_setting(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

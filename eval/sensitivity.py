@@ -37,6 +37,7 @@ from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector.quality import make_quality_fn, real_features
 from qlip_jax.selector.t2q import spearman
+from qlip_jax.errors import program
 
 
 def stated_attributes(caption) -> int:
@@ -45,6 +46,7 @@ def stated_attributes(caption) -> int:
     return n + (caption.background is not None)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

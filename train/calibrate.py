@@ -32,6 +32,7 @@ from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_d
 from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.errors import program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):

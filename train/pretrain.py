@@ -41,6 +41,7 @@ from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.sampling.schedulers import SchedulerConfig
 from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
+from qlip_jax.errors import program
 
 
 def seeds_in_chain(record: dict | None) -> set[int]:
@@ -274,6 +275,7 @@ def _same_architecture(a, b) -> bool:
 _PARTS = ("vae", "text_encoder", "unet")
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")

@@ -21,10 +21,12 @@ from tqdm import tqdm
 
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
+from qlip_jax.errors import program
 
 PARSER_SEEDS = 5_000_000  # parser training scenes: seeds from here on (disjoint from all prompt sets)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)

@@ -47,6 +47,7 @@ from qlip_jax.selector.selector import Selector
 from qlip_jax.selector.t2q import T2Q, pearson, spearman
 from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step
 from qlip_jax.training import Checkpointer
+from qlip_jax.errors import program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +135,7 @@ def q2b_run_name(args, quant, method: str | None) -> str:
     return f"q2b-{method or 'quant'}-{args.ablation}-lam{args.lambda_bit}-{digest}"
 
 
+@program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()

@@ -8,6 +8,8 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qlip_jax.atomic import atomic_write
+
 
 def make_grid(images: np.ndarray, captions: list[str] | None = None, cols: int | None = None,
               scale: int = 2, caption_lines: int = 3) -> Image.Image:
@@ -36,7 +38,9 @@ def make_grid(images: np.ndarray, captions: list[str] | None = None, cols: int |
 
 
 def save_grid(path: str, images: np.ndarray, captions: list[str] | None = None, **kw) -> str:
-    """Write :func:`make_grid` to ``path`` (PNG); creates the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_grid(images, captions, **kw).save(path)
+    """Write :func:`make_grid` to ``path`` (format from its extension, e.g. PNG) atomically; creates
+    the folder."""
+    grid = make_grid(images, captions, **kw)
+    with atomic_write(path) as tmp:
+        grid.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()))
     return path
