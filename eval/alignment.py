@@ -36,7 +36,8 @@ from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import AutoencoderKL
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.errors import program
+from qlip_jax.atomic import check_writable_dir
+from qlip_jax.errors import check_int, check_sampling_args, program
 
 
 def vae_round_trip(sd, images: np.ndarray, batch: int) -> np.ndarray:
@@ -105,6 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="instead of sampling: earlier --out folders, one row each (on the same prompts)")
     args = p.parse_args(argv)
+    check_sampling_args(args, args.n)
+    check_int(args.n, "--n", 1)
+    check_int(args.batch, "--batch", 1)
+    if args.out:
+        check_writable_dir(args.out)
     if args.compare:
         runs = {}
         for folder in args.compare:

@@ -23,7 +23,7 @@ import numpy as np
 
 from qlip_jax.data import scenes
 from qlip_jax.metrics.parser import ParsedScene, alignment_score
-from qlip_jax.errors import program
+from qlip_jax.errors import check_seed, program
 
 
 def v1_text(text: str) -> str:
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--v1-texts", action="store_true", help="word level 2 as scenes-v1 did (no 'a single')")
     args = p.parse_args(argv)
+    check_seed(args.seed)
     if args.draws < 1:
         p.error(f"--draws must be positive, got {args.draws}")
     one, n, scores = one_object_texts(args.draws, args.seed, args.v1_texts)

@@ -34,7 +34,7 @@ from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.errors import program
+from qlip_jax.errors import check_sampling_args, program
 
 
 def clean_predictor(pipe: Text2Image):
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                    help="guidance rescale in [0, 1], as eval/alignment.py's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_sampling_args(args)
     if args.n < 1 or args.draws < 1:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
     if not 0.0 <= args.guidance_rescale <= 1.0:

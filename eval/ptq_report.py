@@ -40,14 +40,15 @@ from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
-from qlip_jax.errors import program
+from qlip_jax.atomic import check_writable_dir
+from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 
 
 def parse_setting(text: str) -> tuple[int, int]:
     """``'W4A8'`` -> ``(4, 8)``; a clear error otherwise."""
     m = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
     if not m:
-        raise SystemExit(f"error: a setting looks like W4A8, got '{text}'")
+        raise BadArgument(f"a setting looks like W4A8, got '{text}'", "write settings as W<weight bits>A<act bits>")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -71,6 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     settings = [parse_setting(s) for s in args.settings]
+    for wbits, abits in settings:
+        QuantConfig(act_bits=(abits,), weight_bits=wbits)  # widths in the supported range
+    check_sampling_args(args, args.n)
+    for name in ("n", "calib_prompts", "keep_steps", "batch"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    check_writable_dir(args.out)
     t0 = time.time()
 
     sd = load_stable_diffusion(args.model or default_model_dir())

@@ -37,7 +37,8 @@ from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector.quality import make_quality_fn, real_features
 from qlip_jax.selector.t2q import spearman
-from qlip_jax.errors import program
+from qlip_jax.atomic import check_writable_dir
+from qlip_jax.errors import check_int, check_sampling_args, program
 
 
 def stated_attributes(caption) -> int:
@@ -64,6 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--real", type=int, default=2000, help="real scenes for GIQA")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    check_sampling_args(args, args.n)
+    for name in ("n", "cell_prompts", "step_groups", "calib_prompts", "real"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)  # widths in the supported range
+    check_writable_dir(args.out)
     os.makedirs(args.out, exist_ok=True)
 
     sd = load_stable_diffusion(args.model or default_model_dir())

@@ -126,20 +126,21 @@ def check_int(value: int, name: str, lo: int | None = None, hi: int | None = Non
 def check_finite(value: float, name: str, lo: float | None = None) -> float:
     """A finite float (not nan/inf), ``>= lo`` if given."""
     if not math.isfinite(value):
-        raise BadArgument(f"{name} must be a finite number, got {value}", f"give {name} a number such as 5.0")
+        raise BadArgument(f"{name} must be a finite number, got {value}", f"give {name} a finite number")
     if lo is not None and value < lo:
         raise BadArgument(f"{name} must be >= {lo}, got {value}", f"give {name} >= {lo}")
     return value
 
 
-def check_seed(seed: int, count: int = 1, name: str = "--seed") -> int:
+def check_seed(seed: int, count: int = 1, name: str = "--seed", uses: str | None = None) -> int:
     """A seed ``S`` such that ``S .. S + count - 1`` are all valid seeds, ``[0, SEED_MAX]``.
 
     Seeds are unsigned 32-bit: negative seeds are refused (they would wrap to ``2**32 + S``) and so are
-    seeds above ``2**32 - count`` (``--seed 4294967296`` would silently equal ``--seed 0``).
+    seeds above ``2**32 - count`` (``--seed 4294967296`` would silently equal ``--seed 0``). ``uses`` says
+    why ``count`` seeds are needed (default: prompt i uses seed S + i).
     """
     hi = SEED_MAX - max(count, 1) + 1
-    what = f" (prompt i uses {name} + i, {count} prompts)" if count > 1 else ""
+    what = f" ({uses or f'prompt i uses {name} + i, {count} prompts'})" if count > 1 else ""
     return check_int(seed, name, 0, hi, hint=f"seeds are unsigned 32-bit{what}: a negative or larger one would "
                                              "wrap onto another seed")
 

@@ -41,7 +41,8 @@ from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.sampling.schedulers import SchedulerConfig
 from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
-from qlip_jax.errors import program
+from qlip_jax.atomic import check_writable_dir
+from qlip_jax.errors import BadArgument, MissingFile, check_finite, check_int, check_seed, program
 
 
 def seeds_in_chain(record: dict | None) -> set[int]:
@@ -168,8 +169,8 @@ def draw_scene_ids(rng: np.random.Generator, counts: np.ndarray, batch: int,
         return rng.integers(0, len(counts), batch)
     single, several = np.flatnonzero(counts == 1), np.flatnonzero(counts != 1)
     if not len(single) or not len(several):
-        raise ValueError(f"--single-object-share needs scenes of one object and of several among the "
-                         f"{len(counts)} encoded ones; got {len(single)} and {len(several)}")
+        raise BadArgument(f"--single-object-share needs scenes of one object and of several among the "
+                          f"{len(counts)} encoded ones; got {len(single)} and {len(several)}")
     pick = rng.random(batch) < single_share
     return np.where(pick, rng.choice(single, batch), rng.choice(several, batch))
 
@@ -219,7 +220,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     if start > end:
         bound = "--stop-at" if args.stop_at is not None and args.stop_at < args.steps else "--steps"
-        raise ValueError(f"the diffusion checkpoint in {work} is at step {start}, past {bound} {end}")
+        raise BadArgument(f"the diffusion checkpoint in {work} is at step {start}, past {bound} {end}",
+                          f"give {bound} >= {start}, or another --work to start afresh")
     bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
@@ -339,6 +341,23 @@ def main(argv=None) -> int:
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    check_seed(args.seed, 2, uses="the diffusion stage draws from --seed + 1")
+    for name in ("vae_steps", "steps", "sample_every"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 0)
+    for name in ("vae_batch", "batch", "num_scenes", "ckpt_every"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    if args.stop_at is not None:
+        check_int(args.stop_at, "--stop-at", 0)
+    for name in ("vae_lr", "lr", "kl_weight", "guidance", "ema_decay", "cond_dropout"):
+        check_finite(getattr(args, name), "--" + name.replace("_", "-"), lo=0.0)
+    for name in ("ema_decay", "cond_dropout"):
+        if getattr(args, name) > 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.init_from is not None and not os.path.isdir(args.init_from):
+        raise MissingFile(args.init_from, f"--init-from folder not found: {args.init_from}",
+                          "pass an earlier export of this program")
+    check_writable_dir(args.work, "--work")
+    check_writable_dir(args.out)
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -384,7 +403,8 @@ def main(argv=None) -> int:
         if "vae" not in started_from and args.vae_steps == 0:
             why = ("--init-parts leaves it out" if "vae" not in args.init_parts else
                    f"{args.init_from} has another VAE architecture than preset '{args.preset}'")
-            raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {why}")
+            raise BadArgument(f"--vae-steps 0 reuses the VAE of --init-from, but {why}",
+                              "give --vae-steps > 0 or --init-parts with vae")
         print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
         used = seeds_in_chain(earlier.info)
         if args.steps > 0 and args.seed in used:

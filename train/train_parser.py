@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
-from qlip_jax.errors import program
+from qlip_jax.atomic import check_writable_dir
+from qlip_jax.errors import check_finite, check_int, check_seed, program
 
 PARSER_SEEDS = 5_000_000  # parser training scenes: seeds from here on (disjoint from all prompt sets)
 
@@ -39,6 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed-offset", type=int, default=0,
                    help="first training batch index (continuing runs see fresh scenes)")
     args = p.parse_args(argv)
+    check_int(args.steps, "--steps", 1)
+    check_int(args.batch, "--batch", 1)
+    check_int(args.width, "--width", 1)
+    check_finite(args.lr, "--lr", lo=0.0)
+    check_seed(args.seed)
+    check_writable_dir(args.out)
 
     net = SceneParserNet(args.width)
     params = (SceneParser.load(args.init).params if args.init else
