@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from refusal import refused
 from safetensors.numpy import load_file
 
 from qlip_jax.data.scenes import (Caption, SceneObject, StatedObject, make_caption, render, sample_scene,
@@ -162,7 +163,7 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0  # (NaN latents: one flat value)
 
 
-def test_pretrain_resumes_with_identical_state(tmp_path):
+def test_pretrain_resumes_with_identical_state(tmp_path, capsys):
     """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
     coverage cache is written by the first run and read by the resume); --export-on-stop exports the
     checkpoint's EMA weights; a negative gamma is refused."""
@@ -191,9 +192,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     # the export trained nothing: only the first invocation's time is training time
     assert len(mid.info["wall_clock_minutes"]["invocations"]) == 1
     assert len(json.load(open(tmp_path / "a" / "wall_clock.json"))) == 1
-    with pytest.raises(ValueError, match="past --stop-at 1"):
-        main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
-              "--export-on-stop", *common])
+    refused(main, ["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
+                   "--export-on-stop", *common], capsys, "past --stop-at 1")
     with pytest.raises(SystemExit):
         main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--export-on-stop", *common])
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -283,7 +283,7 @@ def test_batch_weights_only_for_captions_that_list_every_object():
     assert got.dtype == np.float32 and (got == got[:, :1, :1]).all()
 
 
-def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):
+def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd, capsys):
     """``--init-from X --init-parts vae``: X's VAE as-is, a fresh UNet and text encoder (seed 0's init)."""
     from qlip_jax.models.sd import load_stable_diffusion
     from train.pretrain import main
@@ -301,8 +301,8 @@ def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, t
         assert all(np.array_equal(g, w) for g, w in zip(got, f16(want))), part
         assert not all(np.array_equal(g, o) for g, o in zip(got, f16(other))), part
     assert out.info["init_from"]["parts"] == ["vae"]
-    with pytest.raises(ValueError, match="--init-parts leaves it out"):
-        main(["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "out2"), "--init-parts", "unet", *common])
+    refused(main, ["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "out2"), "--init-parts", "unet", *common],
+            capsys, "--init-parts leaves it out")
     assert not (tmp_path / "out2").exists()
 
 
