@@ -36,7 +36,7 @@ from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import AutoencoderKL
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import check_int, check_sampling_args, program
 
 
@@ -173,9 +173,9 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "scores.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump([{"id": r.id, "prompt": r.text, "level": r.level, "n_objects": r.n_objects, "alignment": s,
                     "stated_sizes": [o.size for o in r.caption.objects], "objects_found": len(p.objects),
                     "vae_round_trip": v}

@@ -40,7 +40,7 @@ from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 
 
@@ -135,9 +135,9 @@ def main(argv=None) -> int:
                      f"| {np.mean(r['alignment']):.3f} |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"prompts": [r.text for r in records], "rows": rows,
                    "minutes": round((time.time() - t0) / 60, 1)}, f)
     cols = list(grid_cols)

@@ -37,7 +37,7 @@ from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector.quality import make_quality_fn, real_features
 from qlip_jax.selector.t2q import spearman
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import check_int, check_sampling_args, program
 
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
               "level": level.tolist(), "stated_attributes": n_attr.tolist(), "fp_alignment": fp_align.tolist(),
               "fp_giqa_knn": fp_giqa.tolist(), "correlations": corr, "groups": list(groups),
               "step_groups": [s.tolist() for s in sgroups], "damage_mse": damage.tolist()}
-    with open(os.path.join(args.out, "sensitivity.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "sensitivity.json"), "w") as f:
         json.dump(result, f)
     order = np.argsort(-damage.mean(1))
     lines = [f"W{config.weight_bits}A{low} ({args.method}), {len(records)} prompts; cells: "
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
               for i in order]
     summary = "\n".join(lines)
     print(summary)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary + "\n")
     return 0
 

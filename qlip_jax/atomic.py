@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 
@@ -25,7 +26,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str | None = None, encoding: str | None = "utf-8") -> Iterator:
+def atomic_write(path: str | os.PathLike, mode: str | None = None, encoding: str | None = "utf-8",
+                 newline: str | None = None) -> Iterator:
     """Write ``path`` atomically; creates its folder.
 
     ``mode=None`` yields a temporary PATH (same folder, same extension, so ``np.save``, PIL or
@@ -43,7 +45,8 @@ def atomic_write(path: str | os.PathLike, mode: str | None = None, encoding: str
             os.close(fd)
             yield tmp
         else:
-            with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            text = "b" not in mode
+            with os.fdopen(fd, mode, encoding=encoding if text else None, newline=newline if text else None) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -53,6 +56,39 @@ def atomic_write(path: str | os.PathLike, mode: str | None = None, encoding: str
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Build a folder atomically: yields an empty temporary folder next to ``path``; on success it takes
+    ``path``'s place (a previous ``path`` is moved aside first and removed only once the new one is in
+    place); on an exception it is removed and ``path`` is left as it was."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
+            os.replace(path, os.path.join(old, name))
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_image(image, path: str | os.PathLike) -> str:
+    """A PIL image to ``path`` atomically, in the format its extension names (PNG for ``.png``)."""
+    from PIL import Image
+
+    with atomic_write(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower()))
+    return os.fspath(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -159,3 +159,10 @@ def check_sampling_args(args, prompts: int = 1) -> None:
         check_finite(args.guidance, "--guidance")
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed, prompts)
+
+
+def describe(e: BaseException, limit: int = 240) -> str:
+    """``'Type: message'`` of a low-level exception on one line, cut to ``limit`` characters (for wrapping
+    a library's error into a :class:`BadFile` that names the file)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

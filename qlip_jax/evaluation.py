@@ -468,7 +468,7 @@ def level_table(results: list[MethodResult], records: list) -> str:
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:
@@ -551,7 +551,7 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
                levels]
     paths["report.csv"] = write_csv(os.path.join(out, "report.csv"), rows)
     paths["report.json"] = os.path.join(out, "report.json")
-    with open(paths["report.json"], "w") as f:
+    with atomic_write(paths["report.json"], "w") as f:
         json.dump(_jsonable({"header": header, "prompts": [r.text for r in ev.records],
                              "levels": [r.level for r in ev.records], "rows": rows,
                              "per_image": {r.method.name: r.per_image for r in results}}), f)
@@ -587,7 +587,7 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
         md += ["", "Schedule heatmaps (activation bits, layers down, steps across):", "", *heat]
     md += ["", f"Figures: {', '.join(sorted(os.path.basename(p) for p in paths.values() if p.endswith('.png')))}"]
     paths["report.md"] = os.path.join(out, "report.md")
-    with open(paths["report.md"], "w") as f:
+    with atomic_write(paths["report.md"], "w") as f:
         f.write("\n".join(md) + "\n")
     return paths
 

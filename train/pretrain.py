@@ -41,7 +41,7 @@ from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.sampling.schedulers import SchedulerConfig
 from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import BadArgument, MissingFile, check_finite, check_int, check_seed, program
 
 
@@ -106,7 +106,8 @@ def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: st
         encode_images(configs.vae, vae_params, images)
         for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
                               total=-(-args.num_scenes // 256), disable=args.quiet)])
-    np.save(path, latents)
+    with atomic_write(path) as tmp:
+        np.save(tmp, latents)
     return latents
 
 
@@ -125,7 +126,8 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
         seeds = scenes.split_seeds("train")
         coverage = np.stack([scenes.object_coverage(scenes.sample_scene(seeds[i]), cells=h)
                              for i in tqdm(range(n), desc="coverage", disable=args.quiet)])
-        np.save(path, coverage)
+        with atomic_write(path) as tmp:
+            np.save(tmp, coverage)
     return 1.0 + args.object_weight * coverage
 
 
@@ -262,7 +264,7 @@ def _wall_clock(work: str, seconds: float, trained: bool) -> dict:
     runs = json.load(open(path)) if os.path.isfile(path) else []
     if trained:
         runs.append(round(seconds / 60, 1))
-        with open(path, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(runs, f)
     return {"invocations": runs, "total": round(sum(runs), 1)}
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import check_finite, check_int, check_seed, program
 
 PARSER_SEEDS = 5_000_000  # parser training scenes: seeds from here on (disjoint from all prompt sets)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if args.init and os.path.isfile(os.path.join(args.init, "training.json")):
         with open(os.path.join(args.init, "training.json")) as f:
             info["continued_from"] = json.load(f)
-    with open(f"{args.out}/training.json", "w") as f:
+    with atomic_write(f"{args.out}/training.json", "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
     return 0

@@ -47,7 +47,7 @@ from qlip_jax.selector.selector import Selector
 from qlip_jax.selector.t2q import T2Q, pearson, spearman
 from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step
 from qlip_jax.training import Checkpointer
-from qlip_jax.atomic import check_writable_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.errors import (MismatchError, MissingFile, check_finite, check_int, check_sampling_args,
                              program)
 
@@ -119,7 +119,8 @@ def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bou
     targets = QualityTargets.from_scores(kind, records, np.arange(len(records)), quality_fn(images, records),
                                          bounds, {"guidance": guidance, "steps": pipe.num_steps})
     targets.save(path)
-    np.save(path + ".traj.npy", trajs)
+    with atomic_write(path + ".traj.npy") as tmp:
+        np.save(tmp, trajs)
     return targets, trajs
 
 

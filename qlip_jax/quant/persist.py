@@ -18,7 +18,8 @@ import os
 import jax
 import numpy as np
 
-from qlip_jax.models.io import flat_leaves
+from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
+from qlip_jax.models.io import flat_leaves, require_fields
 from qlip_jax.quant.registry import LayerInfo, Registry
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.training.checkpoint import Checkpointer
@@ -34,7 +35,7 @@ def model_fingerprint(unet_config, unet_params: dict) -> str:
     return h.hexdigest()[:16]
 
 
-class QuantStateMismatch(ValueError):
+class QuantStateMismatch(MismatchError):
     """A quantizer state loaded onto a model it was not calibrated for."""
 
 
@@ -53,16 +54,28 @@ def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict
     Raises :class:`QuantStateMismatch` if it was calibrated for another model.
     """
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no quantizer state at {directory}")
+        raise MissingFile(directory, f"no quantizer state at {directory}", "make one with train/calibrate.py")
     ckpt = Checkpointer(directory, max_to_keep=1)
-    info = ckpt.restore_meta()
+    if ckpt.latest_step() is None:
+        raise MissingFile(directory, f"no quantizer state in {directory} (no saved step)",
+                          "make one with train/calibrate.py")
+    try:
+        info = ckpt.restore_meta()
+    except Exception as e:  # orbax: a truncated or corrupt file surfaces as many exception types
+        raise BadFile(directory, f"unreadable quantizer state metadata ({describe(e)})",
+                      "calibrate it again with train/calibrate.py") from e
+    require_fields(info, ("model_fingerprint", "quant_config", "registry"), directory, " in its metadata")
     if info.get("model_fingerprint") != fingerprint:
         raise QuantStateMismatch(
             f"the quantizer state in {directory} was calibrated for model {info.get('model_fingerprint')}, "
             f"not for this model ({fingerprint}); calibrate it again for this model")
     config = QuantConfig.from_dict(info["quant_config"])
     registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
-    state, _ = ckpt.restore()
+    try:
+        state, _ = ckpt.restore()
+    except Exception as e:
+        raise BadFile(directory, f"unreadable quantizer state, truncated or corrupt ({describe(e)})",
+                      "calibrate it again with train/calibrate.py") from e
     correction = None
     if info.get("has_ptqd"):
         from qlip_jax.quant.ptqd import PTQDCorrection

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from qlip_jax.atomic import atomic_write
+from qlip_jax.atomic import save_image
 
 
 def make_grid(images: np.ndarray, captions: list[str] | None = None, cols: int | None = None,
@@ -41,6 +40,4 @@ def save_grid(path: str, images: np.ndarray, captions: list[str] | None = None, 
     """Write :func:`make_grid` to ``path`` (format from its extension, e.g. PNG) atomically; creates
     the folder."""
     grid = make_grid(images, captions, **kw)
-    with atomic_write(path) as tmp:
-        grid.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()))
-    return path
+    return save_image(grid, path)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from qlip_jax.atomic import atomic_write
 from qlip_jax.errors import BadFile, MissingFile, QlipInputError
 from qlip_jax.quant.state import QuantConfig, check_indices
 
@@ -92,7 +93,7 @@ def save_schedule_json(path: str | os.PathLike, schedule, registry_or_names, con
                        prompt: str | None = None) -> None:
     """Write :func:`schedule_to_json` to ``path``."""
     text = dumps_schedule(schedule_to_json(schedule, registry_or_names, config, prompt))
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
@@ -201,7 +202,8 @@ def save_schedule_npy(path: str | os.PathLike, schedule, config: QuantConfig | N
         raise ScheduleError(f"a schedule must have shape [T, L] or [B, T, L], got {arr.shape}")
     if config is not None:
         check_indices(arr, config)
-    np.save(path, arr.astype(np.int32))
+    with atomic_write(path) as tmp:
+        np.save(tmp, arr.astype(np.int32))
 
 
 def read_schedule_npy(path: str | os.PathLike, batch: int | None = None,
