@@ -96,7 +96,7 @@ def _json_widths(path: str) -> tuple[set[int], tuple[int, ...]]:
     return used, tuple(obj.get("act_bits") or sorted(used))
 
 
-def _quantizer(sd, pipe, args, kind: str, value):
+def _quantizer(sd, args, kind: str, value):
     """The quantizer for a quantized precision: ``--quant DIR``; else the shipped state if it was
     calibrated for this model and has the widths needed; else min-max calibration (with a note)."""
     from qlip_jax.data.scenes import prompt_set
@@ -143,7 +143,10 @@ def _quantizer(sd, pipe, args, kind: str, value):
     calib = [r.text for r in prompt_set("calibration")[:args.calib_prompts]]
     print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts ...",
           file=sys.stderr)
-    return calibrate_minmax(pipe, config, calib, range(len(calib)), args.guidance, num_steps_kept=8)
+    from qlip_jax.sampling.pipeline import Text2Image
+
+    return calibrate_minmax(Text2Image(sd, args.scheduler, args.steps), config, calib, range(len(calib)),
+                            args.guidance, num_steps_kept=8)
 
 
 def check_sample_args(args):
@@ -151,8 +154,10 @@ def check_sample_args(args):
     ``--precision``. Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
     from qlip_jax.atomic import check_image_path
     from qlip_jax.errors import check_int, check_sampling_args
+    from qlip_jax.quant.persist import read_quant_info
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.selector.schedule_io import read_schedule_npy
+    from qlip_jax.selector.selector import Selector
 
     if not all(p.strip() for p in args.prompt):
         raise BadArgument("--prompt is empty", "give each --prompt some text")
@@ -172,12 +177,12 @@ def check_sample_args(args):
     elif kind == "json":
         _json_widths(value)
     elif kind == "qlip":
-        _require_selector(args.selector)
+        Selector.read_meta(_require_selector(args.selector))
     if args.model is not None and not os.path.isdir(args.model):
         raise MissingFile(args.model, f"model folder not found: {args.model}",
                           "pass a diffusers-format Stable Diffusion folder, or leave --model out")
     if args.quant is not None and kind not in ("fp", "qlip"):
-        _require_quant(args.quant)
+        read_quant_info(_require_quant(args.quant))
     return kind, value
 
 
@@ -208,17 +213,17 @@ def _sample(args, kind, value) -> int:
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir())
-    pipe = Text2Image(sd, args.scheduler, args.steps)
-    selector = None
+    selector, quant = None, None  # the selector / quantizer are read (and refused) before anything compiles
     if kind == "qlip":
         try:
             selector = Selector.load(selector_dir, sd)
         except QuantStateMismatch as e:
             raise MismatchError(f"the selector in {selector_dir} does not belong to this model: {e.problem}",
                                 "pass --selector made for this --model") from None
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=selector.quant)
+        quant = selector.quant
     elif kind != "fp":
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=_quantizer(sd, pipe, args, kind, value))
+        quant = _quantizer(sd, args, kind, value)
+    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
     print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(args.prompt)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
     schedule, quality = None, None

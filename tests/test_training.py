@@ -168,6 +168,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path, capsys):
     coverage cache is written by the first run and read by the resume); --export-on-stop exports the
     checkpoint's EMA weights; a negative gamma is refused."""
     import json
+    import os
+    import shutil
 
     from qlip_jax.models.sd import load_stable_diffusion
     from qlip_jax.training import Checkpointer
@@ -204,6 +206,20 @@ def test_pretrain_resumes_with_identical_state(tmp_path, capsys):
         b = load_file(str(tmp_path / "b_out" / part / f"{name}.safetensors"))
         assert all(np.array_equal(a[k], b[k]) for k in a), part
     assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
+    # a truncated latest checkpoint: the run says so in one line, resumes from the earlier step (2) and ends
+    # with the uninterrupted run's weights; the unreadable step is kept aside, nothing is deleted
+    shutil.copytree(tmp_path / "b", tmp_path / "t")
+    for f in (tmp_path / "t" / "diffusion" / "4" / "state").rglob("d/*"):
+        os.truncate(f, f.stat().st_size // 2)
+    capsys.readouterr()
+    main(["--work", str(tmp_path / "t"), "--out", str(tmp_path / "t_out"), *common])
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[checkpoint]")]
+    assert len(notes) == 1 and "step 4" in notes[0] and "falling back to step 2" in notes[0], notes
+    assert (tmp_path / "t" / "diffusion" / "4.unreadable").is_dir()
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a = load_file(str(tmp_path / "t_out" / part / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b_out" / part / f"{name}.safetensors"))
+        assert all(np.array_equal(a[k], b[k]) for k in a), part
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
     assert len(info["wall_clock_minutes"]["invocations"]) == 2  # the first run and the resume

@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
+from qlip_jax.errors import BadFile, MismatchError, MissingFile, QlipInputError, describe
 from qlip_jax.models.io import flat_leaves, require_fields
 from qlip_jax.quant.registry import LayerInfo, Registry
 from qlip_jax.quant.state import QuantConfig, QuantSetup
@@ -48,11 +48,9 @@ def save_quant_setup(directory: str, setup: QuantSetup, fingerprint: str, meta: 
     Checkpointer(directory, max_to_keep=1).save(0, tree, info)
 
 
-def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict]:
-    """Read a quantizer saved by :func:`save_quant_setup`; ``fingerprint`` is the model's at hand.
-
-    Raises :class:`QuantStateMismatch` if it was calibrated for another model.
-    """
+def read_quant_info(directory: str) -> dict:
+    """The checked metadata of a quantizer saved by :func:`save_quant_setup` (no model needed: callers
+    check it before loading one)."""
     if not os.path.isdir(directory):
         raise MissingFile(directory, f"no quantizer state at {directory}", "make one with train/calibrate.py")
     ckpt = Checkpointer(directory, max_to_keep=1)
@@ -64,7 +62,16 @@ def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict
     except Exception as e:  # orbax: a truncated or corrupt file surfaces as many exception types
         raise BadFile(directory, f"unreadable quantizer state metadata ({describe(e)})",
                       "calibrate it again with train/calibrate.py") from e
-    require_fields(info, ("model_fingerprint", "quant_config", "registry"), directory, " in its metadata")
+    return require_fields(info, ("model_fingerprint", "quant_config", "registry"), directory, " in its metadata")
+
+
+def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict]:
+    """Read a quantizer saved by :func:`save_quant_setup`; ``fingerprint`` is the model's at hand.
+
+    Raises :class:`QuantStateMismatch` if it was calibrated for another model.
+    """
+    info = read_quant_info(directory)
+    ckpt = Checkpointer(directory, max_to_keep=1)
     if info.get("model_fingerprint") != fingerprint:
         raise QuantStateMismatch(
             f"the quantizer state in {directory} was calibrated for model {info.get('model_fingerprint')}, "
@@ -73,6 +80,8 @@ def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict
     registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
     try:
         state, _ = ckpt.restore()
+    except QlipInputError:
+        raise
     except Exception as e:
         raise BadFile(directory, f"unreadable quantizer state, truncated or corrupt ({describe(e)})",
                       "calibrate it again with train/calibrate.py") from e

@@ -39,7 +39,7 @@ def _load_tree(path: str) -> dict:
         *parents, leaf = key.split("/")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
+        node[leaf] = value  # NumPy: the jitted selector takes it as is (no per-shape device transfer compile)
     return tree
 
 
@@ -88,10 +88,9 @@ class Selector:
                 with atomic_dir(dst) as tmp:
                     shutil.copytree(quant_dir, tmp, dirs_exist_ok=True)
 
-    @classmethod
-    def load(cls, folder: str, sd) -> "Selector":
-        """Load for the model ``sd`` (a :class:`~qlip_jax.models.sd.StableDiffusion`); the quantizer
-        state must have been calibrated for it."""
+    @staticmethod
+    def read_meta(folder: str) -> dict:
+        """The checked ``selector.json`` of ``folder`` (no model needed: callers check it before loading one)."""
         path = os.path.join(folder, "selector.json")
         if not os.path.isfile(path):
             raise MissingFile(folder, f"no selector at {folder} (no selector.json)",
@@ -101,6 +100,14 @@ class Selector:
         if meta["pooling"] not in ("eos", "mean"):
             raise BadFile(path, f"\"pooling\" must be \"eos\" or \"mean\", got {meta['pooling']!r}",
                           "restore the file or train the selector again")
+        return meta
+
+    @classmethod
+    def load(cls, folder: str, sd) -> "Selector":
+        """Load for the model ``sd`` (a :class:`~qlip_jax.models.sd.StableDiffusion`); the quantizer
+        state must have been calibrated for it."""
+        meta = cls.read_meta(folder)
+        path = os.path.join(folder, "selector.json")
         try:
             q2b_config = Q2BConfig(**meta["q2b"])
         except TypeError as e:
