@@ -103,6 +103,7 @@ def _quantizer(sd, args, kind: str, value):
     from qlip_jax.quant.calibration import calibrate_minmax
     from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
+    from qlip_jax.sampling.pipeline import Text2Image
 
     if kind == "uniform":
         wbits, need, fallback = value[0], {value[1]}, (value[1],)
@@ -143,8 +144,6 @@ def _quantizer(sd, args, kind: str, value):
     calib = [r.text for r in prompt_set("calibration")[:args.calib_prompts]]
     print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts ...",
           file=sys.stderr)
-    from qlip_jax.sampling.pipeline import Text2Image
-
     return calibrate_minmax(Text2Image(sd, args.scheduler, args.steps), config, calib, range(len(calib)),
                             args.guidance, num_steps_kept=8)
 

@@ -50,6 +50,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, IMAGE_SIZE, LEVELS, prompt_set, render, scene_of
 from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args
 from qlip_jax.metrics.fid import FeatureStats, StatsMismatchError, fid_features_vs_stats, load_stats, save_stats
@@ -625,8 +626,6 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
 
 def check_out_dir(out: str, overwrite: bool) -> None:
     """Refuse a non-empty output folder (or a file) unless ``overwrite``."""
-    from qlip_jax.atomic import check_writable_dir
-
     if os.path.isfile(out):
         raise BadArgument(f"--out {out} is a file, not a folder", "choose a folder for --out")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

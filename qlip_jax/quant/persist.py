@@ -79,7 +79,7 @@ def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict
     config = QuantConfig.from_dict(info["quant_config"])
     registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
     try:
-        state, _ = ckpt.restore()
+        state, _ = ckpt.restore(step=ckpt.latest_step())  # one step: no fallback to try
     except QlipInputError:
         raise
     except Exception as e:
