@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+
 from qlip_jax.errors import check_int, check_sampling_args, program
 
 

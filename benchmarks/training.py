@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sampling import timed
+
 from qlip_jax.errors import program
 
 

@@ -29,15 +29,15 @@ import jax
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import LEVELS, SIZES, prompt_set, render, scene_of
+from qlip_jax.errors import check_int, check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.metrics.scoring import alignment, sample_records
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import AutoencoderKL
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.errors import check_int, check_sampling_args, program
 
 
 def vae_round_trip(sd, images: np.ndarray, batch: int) -> np.ndarray:

@@ -22,8 +22,8 @@ from collections import defaultdict
 import numpy as np
 
 from qlip_jax.data import scenes
-from qlip_jax.metrics.parser import ParsedScene, alignment_score
 from qlip_jax.errors import check_seed, program
+from qlip_jax.metrics.parser import ParsedScene, alignment_score
 
 
 def v1_text(text: str) -> str:

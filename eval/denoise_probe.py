@@ -28,13 +28,13 @@ import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data import scenes
+from qlip_jax.errors import check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
 from qlip_jax.sampling.pipeline import Text2Image, to_uint8
-from qlip_jax.errors import check_sampling_args, program
 
 
 def clean_predictor(pipe: Text2Image):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qlip_jax.evaluation import add_arguments, run_evaluation
 from qlip_jax.errors import program
+from qlip_jax.evaluation import add_arguments, run_evaluation
 
 
 @program

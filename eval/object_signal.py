@@ -19,9 +19,9 @@ import numpy as np
 
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data import scenes
+from qlip_jax.errors import program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images
-from qlip_jax.errors import program
 
 
 def latent_change(sd, with_object: np.ndarray, without: np.ndarray, batch: int = 64) -> np.ndarray:

@@ -30,7 +30,9 @@ import time
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import sample_records, score_images
 from qlip_jax.models.sd import load_stable_diffusion
@@ -40,8 +42,6 @@ from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
-from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 
 
 def parse_setting(text: str) -> tuple[int, int]:

@@ -25,7 +25,9 @@ import sys
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import check_int, check_sampling_args, program
 from qlip_jax.metrics.image import psnr, ssim
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import alignment, sample_records
@@ -37,8 +39,6 @@ from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector.quality import make_quality_fn, real_features
 from qlip_jax.selector.t2q import spearman
-from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.errors import check_int, check_sampling_args, program
 
 
 def stated_attributes(caption) -> int:

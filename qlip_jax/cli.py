@@ -271,7 +271,9 @@ def cmd_demo(args) -> int:
 
 @program
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0],
+                                     epilog="A bad input prints one 'error:' line and exits 2; --debug (anywhere) "
+                                            "or QLIP_DEBUG=1 shows its traceback instead.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="text-to-image sampling at a chosen precision")
     s.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")

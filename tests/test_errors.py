@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # benchmarks/training.py i
 def _main(name: str):
     import importlib
 
-    return importlib.import_module({"qlip": "qlip_jax.cli", "bench-sampling": "sampling"}.get(name, name)).main
+    modules = {"qlip": "qlip_jax.cli", "bench-sampling": "sampling", "bench-training": "training"}
+    return importlib.import_module(modules.get(name, name)).main
 
 
 S = ["sample", "--prompt", "a red star"]                      # qlip sample, one prompt
@@ -112,7 +113,9 @@ CASES = [
     ("alignment-steps", "eval.alignment", ["--out", "{tmp}/r", "--steps", "0"], r"--steps must be between 1 and 1000"),
     ("denoise-guidance", "eval.denoise_probe", ["--guidance", "nan"], r"--guidance must be a finite number"),
     ("ambiguity-seed", "eval.caption_ambiguity", ["--seed", "-5"], r"--seed .* got -5"),
+    ("object-signal-n", "eval.object_signal", ["--n", "0"], r"--n must be >= 1, got 0"),
     ("bench-steps", "bench-sampling", ["--steps", "0"], r"--steps must be between 1 and 1000"),
+    ("bench-training-repeats", "bench-training", ["--repeats", "0"], r"--repeats must be >= 1"),
 ]
 
 
@@ -207,9 +210,9 @@ def test_the_table_covers_every_program():
     assert len(CASES) >= 40
     for folder in ("train", "eval"):
         for f in os.listdir(os.path.join(ROOT, folder)):
-            if f.endswith(".py") and f != "__init__.py" and f[:-3] not in ("object_signal",):
+            if f.endswith(".py") and f != "__init__.py":
                 assert f"{folder}.{f[:-3]}" in programs, f
-    assert {"qlip", "bench-sampling"} <= programs
+    assert {"qlip", "bench-sampling", "bench-training"} <= programs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,14 +26,14 @@ import time
 import numpy as np
 
 from qlip_jax.assets import default_model_dir
+from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
-from qlip_jax.atomic import check_writable_dir
-from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args, program
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,8 +27,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data import scenes
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
+from qlip_jax.errors import BadArgument, MissingFile, check_finite, check_int, check_seed, program
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.configs import VAEConfig
 from qlip_jax.models.presets import preset
@@ -41,8 +43,6 @@ from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.sampling.schedulers import SchedulerConfig
 from qlip_jax.training import Checkpointer
 from qlip_jax.training.diffusion import make_diffusion_step, make_vae_step
-from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.errors import BadArgument, MissingFile, check_finite, check_int, check_seed, program
 
 
 def seeds_in_chain(record: dict | None) -> set[int]:

@@ -19,10 +19,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
-from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
 from qlip_jax.atomic import atomic_write, check_writable_dir
+from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.errors import check_finite, check_int, check_seed, program
+from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
 
 PARSER_SEEDS = 5_000_000  # parser training scenes: seeds from here on (disjoint from all prompt sets)
 

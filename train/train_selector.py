@@ -35,7 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import (MismatchError, MissingFile, check_finite, check_int, check_sampling_args,
+                             program)
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
@@ -47,9 +50,6 @@ from qlip_jax.selector.selector import Selector
 from qlip_jax.selector.t2q import T2Q, pearson, spearman
 from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step
 from qlip_jax.training import Checkpointer
-from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.errors import (MismatchError, MissingFile, check_finite, check_int, check_sampling_args,
-                             program)
 
 
 def build_parser() -> argparse.ArgumentParser:
