@@ -191,13 +191,16 @@ def _snapshot(*folders) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_nothing_written_nothing_compiled(case, bad, tiny_sd_dir, compiles, tmp_path,
-                                                                       capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_nothing_written_nothing_compiled(case, compiles, tmp_path, capsys, monkeypatch,
+                                                                       request):
     _, name, argv, pattern = case
     monkeypatch.delenv("QLIP_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)  # a relative default output would land here
+    needs = " ".join(argv)  # the shared broken inputs (and the tiny model) only for the rows that use them
+    bad = request.getfixturevalue("bad") if "{bad}" in needs or "{tiny}" in needs else tmp_path
+    tiny = request.getfixturevalue("tiny_sd_dir") if "{tiny}" in needs else None
     shipped_quant = os.path.join(ROOT, "qlip_jax", "assets", "selector", "quant")
-    argv = [a.format(tmp=tmp_path, tiny=tiny_sd_dir, bad=bad, shipped_quant=shipped_quant) for a in argv]
+    argv = [a.format(tmp=tmp_path, tiny=tiny, bad=bad, shipped_quant=shipped_quant) for a in argv]
     main = _main(name)
     before, compiled = _snapshot(tmp_path, bad), len(compiles)
     refused(main, argv, capsys, pattern)
