@@ -312,3 +312,14 @@ def test_every_writer_goes_through_the_atomic_helper():
                     if direct.search(line) and "atomic_write" not in line:
                         offenders.append(f"{os.path.relpath(p, ROOT)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def test_sampler_seeds_do_not_wrap():
+    """--seed 4294967296 used to equal --seed 0 (uint32 wrap); the sampler refuses it, and -1, itself."""
+    from qlip_jax.sampling.pipeline import seed_array
+
+    np.testing.assert_array_equal(seed_array(np.arange(2) + 4294967294, 2), [4294967294, 4294967295])
+    np.testing.assert_array_equal(seed_array(7, 3), [7, 7, 7])
+    for bad in (4294967296, -1, np.arange(2) + 4294967295):
+        with pytest.raises(BadArgument, match="seed out of range"):
+            seed_array(bad, 2)
