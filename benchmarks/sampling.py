@@ -18,6 +18,8 @@ import time
 import jax
 import numpy as np
 
+from qlip_jax.errors import check_int, check_sampling_args, program
+
 
 def timed(fn, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
@@ -31,6 +33,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -39,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, default=5.0)
     args = p.parse_args(argv)
+    check_sampling_args(args, args.batch)
+    check_int(args.batch, "--batch", 1)
+    check_int(args.repeats, "--repeats", 1)
 
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -20,7 +20,10 @@ import numpy as np
 import optax
 from sampling import timed
 
+from qlip_jax.errors import program
 
+
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="mini-sd")

@@ -29,7 +29,9 @@ import jax
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import LEVELS, SIZES, prompt_set, render, scene_of
+from qlip_jax.errors import check_int, check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.metrics.scoring import alignment, sample_records
 from qlip_jax.models.sd import load_stable_diffusion
@@ -79,6 +81,7 @@ def compare_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -103,6 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="instead of sampling: earlier --out folders, one row each (on the same prompts)")
     args = p.parse_args(argv)
+    check_sampling_args(args, args.n)
+    check_int(args.n, "--n", 1)
+    check_int(args.batch, "--batch", 1)
+    if args.out:
+        check_writable_dir(args.out)
     if args.compare:
         runs = {}
         for folder in args.compare:
@@ -165,9 +173,9 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "scores.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump([{"id": r.id, "prompt": r.text, "level": r.level, "n_objects": r.n_objects, "alignment": s,
                     "stated_sizes": [o.size for o in r.caption.objects], "objects_found": len(p.objects),
                     "vae_round_trip": v}

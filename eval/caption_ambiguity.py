@@ -22,6 +22,7 @@ from collections import defaultdict
 import numpy as np
 
 from qlip_jax.data import scenes
+from qlip_jax.errors import check_seed, program
 from qlip_jax.metrics.parser import ParsedScene, alignment_score
 
 
@@ -58,12 +59,14 @@ def one_object_texts(draws: int, seed: int, v1_texts: bool = False
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--draws", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--v1-texts", action="store_true", help="word level 2 as scenes-v1 did (no 'a single')")
     args = p.parse_args(argv)
+    check_seed(args.seed)
     if args.draws < 1:
         p.error(f"--draws must be positive, got {args.draws}")
     one, n, scores = one_object_texts(args.draws, args.seed, args.v1_texts)

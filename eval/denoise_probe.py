@@ -28,6 +28,7 @@ import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data import scenes
+from qlip_jax.errors import check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser, alignment_score
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images, scale_latents, unscale_latents
@@ -63,6 +64,7 @@ def placement_share(images: np.ndarray, backgrounds: np.ndarray, masks: np.ndarr
     return (dev * masks).sum((1, 2)) / np.maximum(dev.sum((1, 2)), 1e-12)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
                    help="guidance rescale in [0, 1], as eval/alignment.py's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_sampling_args(args)
     if args.n < 1 or args.draws < 1:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
     if not 0.0 <= args.guidance_rescale <= 1.0:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlip_jax.errors import program
 from qlip_jax.evaluation import add_arguments, run_evaluation
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quant", action="append", default=[], metavar="DIR",

@@ -19,6 +19,7 @@ import numpy as np
 
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data import scenes
+from qlip_jax.errors import program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.vae import encode_images
 
@@ -32,6 +33,7 @@ def latent_change(sd, with_object: np.ndarray, without: np.ndarray, batch: int =
     return ((z[0] - z[1]) ** 2).sum(-1)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)

@@ -30,7 +30,9 @@ import time
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import sample_records, score_images
 from qlip_jax.models.sd import load_stable_diffusion
@@ -46,10 +48,11 @@ def parse_setting(text: str) -> tuple[int, int]:
     """``'W4A8'`` -> ``(4, 8)``; a clear error otherwise."""
     m = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
     if not m:
-        raise SystemExit(f"error: a setting looks like W4A8, got '{text}'")
+        raise BadArgument(f"a setting looks like W4A8, got '{text}'", "write settings as W<weight bits>A<act bits>")
     return int(m.group(1)), int(m.group(2))
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -69,6 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     settings = [parse_setting(s) for s in args.settings]
+    for wbits, abits in settings:
+        QuantConfig(act_bits=(abits,), weight_bits=wbits)  # widths in the supported range
+    check_sampling_args(args, args.n)
+    for name in ("n", "calib_prompts", "keep_steps", "batch"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    check_writable_dir(args.out)
     t0 = time.time()
 
     sd = load_stable_diffusion(args.model or default_model_dir())
@@ -126,9 +135,9 @@ def main(argv=None) -> int:
                      f"| {np.mean(r['alignment']):.3f} |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"prompts": [r.text for r in records], "rows": rows,
                    "minutes": round((time.time() - t0) / 60, 1)}, f)
     cols = list(grid_cols)

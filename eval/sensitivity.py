@@ -25,7 +25,9 @@ import sys
 import numpy as np
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import check_int, check_sampling_args, program
 from qlip_jax.metrics.image import psnr, ssim
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import alignment, sample_records
@@ -45,6 +47,7 @@ def stated_attributes(caption) -> int:
     return n + (caption.background is not None)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -62,6 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--real", type=int, default=2000, help="real scenes for GIQA")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    check_sampling_args(args, args.n)
+    for name in ("n", "cell_prompts", "step_groups", "calib_prompts", "real"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)  # widths in the supported range
+    check_writable_dir(args.out)
     os.makedirs(args.out, exist_ok=True)
 
     sd = load_stable_diffusion(args.model or default_model_dir())
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
               "level": level.tolist(), "stated_attributes": n_attr.tolist(), "fp_alignment": fp_align.tolist(),
               "fp_giqa_knn": fp_giqa.tolist(), "correlations": corr, "groups": list(groups),
               "step_groups": [s.tolist() for s in sgroups], "damage_mse": damage.tolist()}
-    with open(os.path.join(args.out, "sensitivity.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "sensitivity.json"), "w") as f:
         json.dump(result, f)
     order = np.argsort(-damage.mean(1))
     lines = [f"W{config.weight_bits}A{low} ({args.method}), {len(records)} prompts; cells: "
@@ -134,7 +142,7 @@ def main(argv=None) -> int:
               for i in order]
     summary = "\n".join(lines)
     print(summary)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary + "\n")
     return 0
 

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from qlip_jax.errors import BadArgument, BadFile, MismatchError, MissingFile, program
+
 
 def _parse_precision(text: str):
     """``'fp'`` -> ('fp', None); ``'qlip'`` -> ('qlip', None); ``'w4a8'`` -> ('uniform', (4, 8));
@@ -32,10 +34,10 @@ def _parse_precision(text: str):
         return "uniform", setting
     if text.endswith((".npy", ".json")):
         if not os.path.isfile(text):
-            raise SystemExit(f"error: schedule file not found: {text}")
+            raise MissingFile(text, f"schedule file not found: {text}", "check the --precision path")
         return ("file" if text.endswith(".npy") else "json"), text
-    raise SystemExit("error: --precision must be fp, qlip, wXaY (e.g. w4a8) or a .npy / .json schedule, "
-                     f"got '{text}'")
+    raise BadArgument(f"--precision must be fp, qlip, wXaY (e.g. w4a8) or a .npy / .json schedule, got '{text}'",
+                      "see qlip sample --help")
 
 
 def shipped_selector_dir() -> str:
@@ -60,10 +62,10 @@ def _require_selector(folder: str | None) -> str:
     path = folder or shipped_selector_dir()
     if not os.path.isfile(os.path.join(path, "selector.json")):
         if folder:
-            raise SystemExit(f"error: no QLIP selector at {folder} (no selector.json); train one with "
-                             "train/train_selector.py")
-        raise SystemExit(f"error: the shipped QLIP selector is missing ({path}); build it with `{BUILD_SELECTOR}` "
-                         "(after the quantizer state), or pass --selector DIR")
+            raise MissingFile(folder, f"no QLIP selector at {folder} (no selector.json)",
+                              "train one with train/train_selector.py")
+        raise MissingFile(path, f"the shipped QLIP selector is missing ({path})",
+                          f"build it with `{BUILD_SELECTOR}` (after the quantizer state), or pass --selector DIR")
     return path
 
 
@@ -72,9 +74,9 @@ def _require_quant(folder: str | None) -> str:
     path = folder or shipped_quant_dir()
     if not os.path.isdir(path):
         if folder:
-            raise SystemExit(f"error: no quantizer state at {folder}; make one with train/calibrate.py")
-        raise SystemExit(f"error: the shipped quantizer state is missing ({path}); it comes with the selector, "
-                         f"built by `{BUILD_SELECTOR}`; or pass --quant DIR")
+            raise MissingFile(folder, f"no quantizer state at {folder}", "make one with train/calibrate.py")
+        raise MissingFile(path, f"the shipped quantizer state is missing ({path}); it comes with the selector",
+                          f"build it with `{BUILD_SELECTOR}`, or pass --quant DIR")
     return path
 
 
@@ -85,22 +87,23 @@ def _json_widths(path: str) -> tuple[set[int], tuple[int, ...]]:
     with open(path, encoding="utf-8") as f:
         try:
             obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadFile(path, f"not valid JSON ({e})", "fix or re-export the schedule") from None
     if not isinstance(obj, dict):
-        raise SystemExit(f"error: {path} is not a schedule JSON object (see qlip_jax/selector/schedule_io.py)")
+        raise BadFile(path, "not a schedule JSON object", "see qlip_jax/selector/schedule_io.py for the layout")
     used = {int(v) for row in obj.get("schedule") or [] if isinstance(row, list) for v in row
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return used, tuple(obj.get("act_bits") or sorted(used))
 
 
-def _quantizer(sd, pipe, args, kind: str, value):
+def _quantizer(sd, args, kind: str, value):
     """The quantizer for a quantized precision: ``--quant DIR``; else the shipped state if it was
     calibrated for this model and has the widths needed; else min-max calibration (with a note)."""
     from qlip_jax.data.scenes import prompt_set
     from qlip_jax.quant.calibration import calibrate_minmax
     from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
+    from qlip_jax.sampling.pipeline import Text2Image
 
     if kind == "uniform":
         wbits, need, fallback = value[0], {value[1]}, (value[1],)
@@ -118,8 +121,9 @@ def _quantizer(sd, pipe, args, kind: str, value):
     if args.quant:
         setup, _ = load_quant_setup(_require_quant(args.quant), fingerprint)
         if kind == "uniform" and not serves(setup.config):
-            raise SystemExit(f"error: the quantizer in {args.quant} is W{setup.config.weight_bits}"
-                             f"A{list(setup.config.act_bits)}; it has no W{wbits}A{value[1]}")
+            raise MismatchError(f"the quantizer in {args.quant} is W{setup.config.weight_bits}"
+                                f"A{list(setup.config.act_bits)}; it has no W{wbits}A{value[1]}",
+                                "pass a --quant calibrated with that width, or leave --quant out")
         return setup
     shipped = shipped_quant_dir()
     if os.path.isdir(shipped):
@@ -140,10 +144,60 @@ def _quantizer(sd, pipe, args, kind: str, value):
     calib = [r.text for r in prompt_set("calibration")[:args.calib_prompts]]
     print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts ...",
           file=sys.stderr)
-    return calibrate_minmax(pipe, config, calib, range(len(calib)), args.guidance, num_steps_kept=8)
+    return calibrate_minmax(Text2Image(sd, args.scheduler, args.steps), config, calib, range(len(calib)),
+                            args.guidance, num_steps_kept=8)
+
+
+def check_sample_args(args):
+    """Every check of ``qlip sample``'s arguments that needs no model: ``(kind, value)`` of
+    ``--precision``. Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
+    from qlip_jax.atomic import check_image_path
+    from qlip_jax.errors import check_int, check_sampling_args
+    from qlip_jax.quant.persist import read_quant_info
+    from qlip_jax.quant.state import QuantConfig
+    from qlip_jax.selector.schedule_io import read_schedule_npy
+    from qlip_jax.selector.selector import Selector
+
+    if not all(p.strip() for p in args.prompt):
+        raise BadArgument("--prompt is empty", "give each --prompt some text")
+    check_sampling_args(args, len(args.prompt))
+    check_int(args.calib_prompts, "--calib-prompts", 1)
+    check_image_path(args.out)
+    kind, value = _parse_precision(args.precision)
+    try:
+        if kind == "uniform":
+            QuantConfig(act_bits=(value[1],), weight_bits=value[0])
+        elif kind in ("file", "json"):
+            QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)
+    except BadArgument as e:
+        raise BadArgument(f"--precision {args.precision}: {e.problem}", e.hint) from None
+    if kind == "file":
+        read_schedule_npy(value, len(args.prompt), len(args.act_bits))
+    elif kind == "json":
+        _json_widths(value)
+    elif kind == "qlip":
+        Selector.read_meta(_require_selector(args.selector))
+    if args.model is not None and not os.path.isdir(args.model):
+        raise MissingFile(args.model, f"model folder not found: {args.model}",
+                          "pass a diffusers-format Stable Diffusion folder, or leave --model out")
+    if args.quant is not None and kind not in ("fp", "qlip"):
+        read_quant_info(_require_quant(args.quant))
+    return kind, value
 
 
 def cmd_sample(args) -> int:
+    from qlip_jax.atomic import claim_output, release_claim
+
+    kind, value = check_sample_args(args)
+    claimed = claim_output(args.out, args.overwrite)
+    try:
+        return _sample(args, kind, value)
+    finally:
+        if claimed:
+            release_claim(args.out)  # removes the placeholder only if nothing was written
+
+
+def _sample(args, kind, value) -> int:
     import numpy as np
 
     from qlip_jax.assets import default_model_dir
@@ -152,43 +206,40 @@ def cmd_sample(args) -> int:
     from qlip_jax.quant.registry import average_act_bits
     from qlip_jax.sampling.grid import save_grid
     from qlip_jax.sampling.pipeline import Text2Image
-    from qlip_jax.selector.schedule_io import load_schedule_json
+    from qlip_jax.selector.schedule_io import load_schedule_json, load_schedule_npy
     from qlip_jax.selector.selector import Selector
 
-    kind, value = _parse_precision(args.precision)
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"error: {args.out} exists; pass --overwrite to replace it")
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir())
-    pipe = Text2Image(sd, args.scheduler, args.steps)
-    selector = None
+    selector, quant = None, None  # the selector / quantizer are read (and refused) before anything compiles
     if kind == "qlip":
         try:
             selector = Selector.load(selector_dir, sd)
         except QuantStateMismatch as e:
-            raise SystemExit(f"error: the selector in {selector_dir} does not belong to this model: {e}") from None
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=selector.quant)
+            raise MismatchError(f"the selector in {selector_dir} does not belong to this model: {e.problem}",
+                                "pass --selector made for this --model") from None
+        quant = selector.quant
     elif kind != "fp":
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=_quantizer(sd, pipe, args, kind, value))
+        quant = _quantizer(sd, args, kind, value)
+    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
     print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(args.prompt)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
+    schedule, quality = None, None
+    if kind == "file":  # checked against the model before anything compiles
+        schedule = load_schedule_npy(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps,
+                                     batch=len(args.prompt))
+    elif kind == "json":
+        schedule, _ = load_schedule_json(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps)
+        schedule = np.broadcast_to(schedule, (len(args.prompt),) + schedule.shape)
     emb = pipe.encode(args.prompt)
     for p, cut in zip(args.prompt, emb.truncated):
         if cut:
             print(f"[qlip] warning: prompt truncated to 77 tokens: {p[:60]}...", file=sys.stderr)
-    schedule, quality = None, None
     if kind == "uniform":
         schedule = pipe.uniform_schedule(len(args.prompt), value[1])
     elif kind == "qlip":
         quality, schedule = selector.predict(pipe, emb)
-    elif kind in ("file", "json"):
-        if kind == "file":
-            schedule = np.load(value)
-        else:
-            schedule, _ = load_schedule_json(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps)
-        if schedule.ndim == 2:  # one [T, L] schedule for every prompt
-            schedule = np.broadcast_to(schedule, (len(args.prompt),) + schedule.shape)
     t1 = time.time()
     images = pipe(emb, np.arange(len(args.prompt)) + args.seed, args.guidance, schedule)
     print(f"[qlip] sampled in {time.time() - t1:.1f}s (including compilation)", file=sys.stderr)
@@ -212,21 +263,26 @@ def cmd_demo(args) -> int:
     try:
         _, paths = run_evaluation(args, quant_dirs, selector_dirs, tag="demo")
     except QuantStateMismatch as e:
-        raise SystemExit(f"error: {e} (with --model, pass --quant and --selector made for that model)") from None
+        raise MismatchError(e.problem, "with --model, pass --quant and --selector made for that model") from None
     print(f"\nreport: {os.path.join(os.path.abspath(args.out), 'report.md')} (also report.csv, report.json)")
     print("pictures: " + ", ".join(sorted(os.path.basename(p) for p in paths.values() if p.endswith(".png"))))
     return 0
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0],
+                                     epilog="A bad input prints one 'error:' line and exits 2; --debug (anywhere) "
+                                            "or QLIP_DEBUG=1 shows its traceback instead.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="text-to-image sampling at a chosen precision")
     s.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0, help="prompt i uses seed S + i")
+    s.add_argument("--seed", type=int, default=0,
+                   help="prompt i uses seed S + i; seeds are unsigned 32-bit, 0 .. 2**32 - 1 (a negative or larger "
+                        "one is refused: it would wrap onto another seed)")
     s.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpmsolver++"])
     s.add_argument("--precision", default="fp",
                    help="fp; wXaY (uniform); qlip (the selector picks each prompt's schedule); SCHEDULE.npy "

@@ -50,7 +50,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, IMAGE_SIZE, LEVELS, prompt_set, render, scene_of
+from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args
 from qlip_jax.metrics.fid import FeatureStats, StatsMismatchError, fid_features_vs_stats, load_stats, save_stats
 from qlip_jax.metrics.parser import FEATURE_DIM, SceneParser
 from qlip_jax.metrics.scoring import sample_records, score_images
@@ -467,7 +469,7 @@ def level_table(results: list[MethodResult], records: list) -> str:
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:
@@ -550,7 +552,7 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
                levels]
     paths["report.csv"] = write_csv(os.path.join(out, "report.csv"), rows)
     paths["report.json"] = os.path.join(out, "report.json")
-    with open(paths["report.json"], "w") as f:
+    with atomic_write(paths["report.json"], "w") as f:
         json.dump(_jsonable({"header": header, "prompts": [r.text for r in ev.records],
                              "levels": [r.level for r in ev.records], "rows": rows,
                              "per_image": {r.method.name: r.per_image for r in results}}), f)
@@ -586,7 +588,7 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
         md += ["", "Schedule heatmaps (activation bits, layers down, steps across):", "", *heat]
     md += ["", f"Figures: {', '.join(sorted(os.path.basename(p) for p in paths.values() if p.endswith('.png')))}"]
     paths["report.md"] = os.path.join(out, "report.md")
-    with open(paths["report.md"], "w") as f:
+    with atomic_write(paths["report.md"], "w") as f:
         f.write("\n".join(md) + "\n")
     return paths
 
@@ -625,10 +627,11 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
 def check_out_dir(out: str, overwrite: bool) -> None:
     """Refuse a non-empty output folder (or a file) unless ``overwrite``."""
     if os.path.isfile(out):
-        raise SystemExit(f"error: --out {out} is a file, not a folder")
+        raise BadArgument(f"--out {out} is a file, not a folder", "choose a folder for --out")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise SystemExit(f"error: {out} is not empty; pass --overwrite to write into it (same-named files are "
-                         "replaced) or choose another --out")
+        raise BadArgument(f"{out} is not empty", "pass --overwrite to write into it (same-named files are "
+                          "replaced) or choose another --out")
+    check_writable_dir(out)
 
 
 def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[list[MethodResult], dict]:
@@ -638,8 +641,13 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
 
     check_out_dir(args.out, args.overwrite)
     n_eval = len(prompt_set("eval"))
-    if not 2 <= args.n <= n_eval:
-        raise SystemExit(f"error: --n must be between 2 and {n_eval} (the evaluation prompt set), got {args.n}")
+    check_int(args.n, "--n", 2, n_eval, hint=f"the evaluation prompt set has {n_eval} prompts")
+    check_sampling_args(args, args.n)
+    check_int(args.batch, "--batch", 1)
+    check_int(args.ref_n, "--ref-n", 2)
+    if args.model is not None and not os.path.isdir(args.model):
+        raise MissingFile(args.model, f"model folder not found: {args.model}",
+                          "pass a diffusers-format Stable Diffusion folder, or leave --model out")
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir())
     parser = SceneParser.load(args.parser)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qlip_jax.atomic import save_image
+
 _FONT = ImageFont.load_default()
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -52,7 +54,7 @@ def heatmap(path: str, values: np.ndarray, row_labels: list[str], col_labels: li
         d.line([sx, top + k, sx + 12, top + k], fill=col)
     d.text((sx + 16, top - 2), f"{hi:.3g}", fill="black", font=_FONT)
     d.text((sx + 16, top + r * cell - 10), f"{lo:.3g}", fill="black", font=_FONT)
-    img.save(path)
+    save_image(img, path)
     return path
 
 
@@ -99,5 +101,5 @@ def scatter(path: str, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel:
         for px, py in pts:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
         d.text((w - 122, 34 + 14 * k), name[:20], fill=col, font=_FONT)
-    img.save(path)
+    save_image(img, path)
     return path

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 from tiny_qlip import STEPS, tiny_quant_dir, tiny_selector_dir  # noqa: F401  (fixtures)
 
+from refusal import refused
+
 from qlip_jax.cli import main
 
 
@@ -19,21 +21,20 @@ def test_sample_writes_a_captioned_grid(tiny_sd_dir, tmp_path):
     assert img.ndim == 3 and img.shape[1] == 2 * 64 and img.std() > 1  # two 32px tiles upscaled x2
 
 
-def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_sd_dir, tmp_path):
+def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "keep.png"
     out.write_bytes(b"precious")
-    with pytest.raises(SystemExit, match="exists"):
-        main(["sample", "--model", tiny_sd_dir, "--prompt", "x", "--out", str(out)])
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompt", "x", "--out", out], capsys, "exists")
     assert out.read_bytes() == b"precious"
-    with pytest.raises(SystemExit, match="--precision must be"):
-        main(["sample", "--model", tiny_sd_dir, "--prompt", "x", "--precision", "int4", "--out", str(tmp_path / "a.png")])
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompt", "x", "--precision", "int4", "--out",
+                   tmp_path / "a.png"], capsys, "--precision must be")
     bad = tmp_path / "sched.npy"
     np.save(bad, np.zeros((3, 5), np.int32))
-    with pytest.raises(ValueError, match=r"expected \[B, T, L\]"):
-        main(["sample", "--model", tiny_sd_dir, "--prompt", "x", "--steps", "3", "--precision", str(bad),
-              "--calib-prompts", "1", "--out", str(tmp_path / "b.png")])
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
-        main(["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "c.png")])
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompt", "x", "--steps", "3", "--precision", bad,
+                   "--calib-prompts", "1", "--out", tmp_path / "b.png"], capsys, r"sched.npy: the schedule has 5 layer")
+    refused(main, ["sample", "--model", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "c.png"], capsys,
+            "model folder not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "sched.npy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +83,8 @@ def test_sample_json_schedule_and_quantizer_choice(tiny_sd, tiny_sd_dir, tiny_qu
     assert main(base + ["--precision", str(path), "--quant", tiny_quant_dir, "--out", str(tmp_path / "j.png")]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[0] == fab and "min-max" not in out.err
-    with pytest.raises(SystemExit, match=r"has no W4A12"):
-        main(base + ["--precision", "w4a12", "--quant", tiny_quant_dir, "--out", str(tmp_path / "x.png")])
+    refused(main, base + ["--precision", "w4a12", "--quant", tiny_quant_dir, "--out", str(tmp_path / "x.png")],
+            capsys, r"has no W4A12")
     # no usable shipped state: min-max calibration of the widths the JSON records
     monkeypatch.setattr(cli, "shipped_quant_dir", lambda: str(tmp_path / "assets" / "quant"))
     assert main(base + ["--precision", str(path), "--calib-prompts", "1", "--out", str(tmp_path / "k.png")]) == 0
@@ -97,21 +98,20 @@ def test_sample_json_schedule_and_quantizer_choice(tiny_sd, tiny_sd_dir, tiny_qu
     assert out.out.splitlines()[0] == "average activation bits 8.00: a red star"
 
 
-def test_qlip_needs_a_selector(tiny_sd_dir, tmp_path, monkeypatch):
+def test_qlip_needs_a_selector(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     import qlip_jax.cli as cli
 
-    with pytest.raises(SystemExit, match="no QLIP selector at .*nope"):
-        main(["sample", "--model", tiny_sd_dir, "--prompt", "x", "--precision", "qlip", "--selector",
-              str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")])
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompt", "x", "--precision", "qlip", "--selector",
+                   str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")], capsys, "no QLIP selector at .*nope")
     monkeypatch.setattr(cli, "shipped_selector_dir", lambda: str(tmp_path / "assets" / "selector"))
     monkeypatch.setattr(cli, "shipped_quant_dir", lambda: str(tmp_path / "assets" / "quant"))
-    with pytest.raises(SystemExit, match="shipped QLIP selector is missing .*train/train_selector.py"):
-        main(["sample", "--prompt", "x", "--precision", "qlip", "--out", str(tmp_path / "a.png")])
-    with pytest.raises(SystemExit, match="shipped quantizer state is missing .*train/calibrate.py"):
-        main(["demo", "--out", str(tmp_path / "demo")])
+    refused(main, ["sample", "--prompt", "x", "--precision", "qlip", "--out", str(tmp_path / "a.png")], capsys,
+            "shipped QLIP selector is missing .*train/train_selector.py")
+    refused(main, ["demo", "--out", str(tmp_path / "demo")], capsys,
+            "shipped quantizer state is missing .*train/calibrate.py")
     (tmp_path / "q").mkdir()
-    with pytest.raises(SystemExit, match="shipped QLIP selector is missing .*--selector DIR"):
-        main(["demo", "--quant", str(tmp_path / "q"), "--out", str(tmp_path / "demo")])
+    refused(main, ["demo", "--quant", str(tmp_path / "q"), "--out", str(tmp_path / "demo")], capsys,
+            "shipped QLIP selector is missing .*--selector DIR")
     assert not (tmp_path / "demo").exists()
 
 
@@ -135,6 +135,5 @@ def test_demo_on_the_tiny_model(tiny_sd_dir, tiny_quant_dir, tiny_selector_dir, 
     assert [float(r["fab"]) for r in rows[1:4]] == pytest.approx([4, 6, 8])
     # a non-empty --out is refused before any work, and what is there is kept
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
-        main(argv)
+    refused(main, argv, capsys, "not empty; pass --overwrite")
     assert (out / "notes.txt").read_text() == "mine"

@@ -12,6 +12,7 @@ import runpy
 import numpy as np
 import pytest
 from PIL import Image
+from refusal import refused
 from tiny_qlip import ACT_BITS, STEPS, tiny_quant_dir, tiny_selector_dir  # noqa: F401  (fixtures)
 
 from qlip_jax.data.scenes import prompt_set
@@ -157,8 +158,7 @@ def test_evaluate_program_writes_the_report(tiny_sd_dir, tiny_quant_dir, tiny_se
     assert stats.n == 6
     # a second run into the same folder is refused, and nothing is lost
     before = (out / "report.md").read_bytes()
-    with pytest.raises(SystemExit, match="not empty"):
-        main(argv)
+    refused(main, argv, capsys, "not empty")
     assert (out / "report.md").read_bytes() == before
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from refusal import refused
 from safetensors.numpy import load_file
 
 from qlip_jax.data.scenes import (Caption, SceneObject, StatedObject, make_caption, render, sample_scene,
@@ -162,11 +163,13 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0  # (NaN latents: one flat value)
 
 
-def test_pretrain_resumes_with_identical_state(tmp_path):
+def test_pretrain_resumes_with_identical_state(tmp_path, capsys):
     """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
     coverage cache is written by the first run and read by the resume); --export-on-stop exports the
     checkpoint's EMA weights; a negative gamma is refused."""
     import json
+    import os
+    import shutil
 
     from qlip_jax.models.sd import load_stable_diffusion
     from qlip_jax.training import Checkpointer
@@ -191,9 +194,8 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
     # the export trained nothing: only the first invocation's time is training time
     assert len(mid.info["wall_clock_minutes"]["invocations"]) == 1
     assert len(json.load(open(tmp_path / "a" / "wall_clock.json"))) == 1
-    with pytest.raises(ValueError, match="past --stop-at 1"):
-        main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
-              "--export-on-stop", *common])
+    refused(main, ["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--stop-at", "1",
+                   "--export-on-stop", *common], capsys, "past --stop-at 1")
     with pytest.raises(SystemExit):
         main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_bad"), "--export-on-stop", *common])
     main(["--work", str(tmp_path / "a"), "--out", str(tmp_path / "a_out"), *common])  # resumes at 2
@@ -204,6 +206,20 @@ def test_pretrain_resumes_with_identical_state(tmp_path):
         b = load_file(str(tmp_path / "b_out" / part / f"{name}.safetensors"))
         assert all(np.array_equal(a[k], b[k]) for k in a), part
     assert len(list((tmp_path / "a").glob("coverage_32x*.npy"))) == 1
+    # a truncated latest checkpoint: the run says so in one line, resumes from the earlier step (2) and ends
+    # with the uninterrupted run's weights; the unreadable step is kept aside, nothing is deleted
+    shutil.copytree(tmp_path / "b", tmp_path / "t")
+    for f in (tmp_path / "t" / "diffusion" / "4" / "state").rglob("d/*"):
+        os.truncate(f, f.stat().st_size // 2)
+    capsys.readouterr()
+    main(["--work", str(tmp_path / "t"), "--out", str(tmp_path / "t_out"), *common])
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[checkpoint]")]
+    assert len(notes) == 1 and "step 4" in notes[0] and "falling back to step 2" in notes[0], notes
+    assert (tmp_path / "t" / "diffusion" / "4.unreadable").is_dir()
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a = load_file(str(tmp_path / "t_out" / part / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b_out" / part / f"{name}.safetensors"))
+        assert all(np.array_equal(a[k], b[k]) for k in a), part
     with open(tmp_path / "a_out" / "qlip_training.json") as f:
         info = json.load(f)
     assert len(info["wall_clock_minutes"]["invocations"]) == 2  # the first run and the resume
@@ -283,7 +299,7 @@ def test_batch_weights_only_for_captions_that_list_every_object():
     assert got.dtype == np.float32 and (got == got[:, :1, :1]).all()
 
 
-def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd):
+def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, tiny_sd, capsys):
     """``--init-from X --init-parts vae``: X's VAE as-is, a fresh UNet and text encoder (seed 0's init)."""
     from qlip_jax.models.sd import load_stable_diffusion
     from train.pretrain import main
@@ -301,8 +317,8 @@ def test_pretrain_init_parts_takes_only_the_named_parts(tmp_path, tiny_sd_dir, t
         assert all(np.array_equal(g, w) for g, w in zip(got, f16(want))), part
         assert not all(np.array_equal(g, o) for g, o in zip(got, f16(other))), part
     assert out.info["init_from"]["parts"] == ["vae"]
-    with pytest.raises(ValueError, match="--init-parts leaves it out"):
-        main(["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "out2"), "--init-parts", "unet", *common])
+    refused(main, ["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "out2"), "--init-parts", "unet", *common],
+            capsys, "--init-parts leaves it out")
     assert not (tmp_path / "out2").exists()
 
 

@@ -26,7 +26,9 @@ import time
 import numpy as np
 
 from qlip_jax.assets import default_model_dir
+from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
@@ -55,20 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):
-        raise SystemExit(f"error: --init {args.init} does not apply to --method {args.method} (qdiff starts "
-                         f"from minmax/percentile/mse/tdq, ptqd from any of those or qdiff)")
+        raise BadArgument(f"--init {args.init} does not apply to --method {args.method}",
+                          "qdiff starts from minmax/percentile/mse/tdq, ptqd from any of those or qdiff")
+    if os.path.isfile(args.out):
+        raise BadArgument(f"--out {args.out} is a file, not a folder", "choose a folder for the quantizer state")
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise SystemExit(f"error: {args.out} is not empty; pass --overwrite to replace it")
+        raise BadArgument(f"{args.out} is not empty", "pass --overwrite to replace it, or choose another --out")
+    check_writable_dir(args.out)
+    check_int(args.prompts, "--prompts", 1)
+    check_int(args.keep_steps, "--keep-steps", 1)
+    check_sampling_args(args, args.prompts)
     if args.prompt_file:
-        with open(args.prompt_file) as f:
+        if not os.path.isfile(args.prompt_file):
+            raise MissingFile(args.prompt_file, f"prompt file not found: {args.prompt_file}", "check --prompt-file")
+        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
             prompts = [line.strip() for line in f if line.strip()][:args.prompts]
     else:
         prompts = [r.text for r in prompt_set("calibration")[:args.prompts]]
     if not prompts:
-        raise SystemExit("error: no calibration prompts")
+        raise BadArgument("no calibration prompts", f"put one prompt per line in {args.prompt_file}")
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
                          quantize_attn_matmul=args.attn_matmul)
     t0 = time.time()

@@ -27,8 +27,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data import scenes
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
+from qlip_jax.errors import BadArgument, MissingFile, check_finite, check_int, check_seed, program
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.configs import VAEConfig
 from qlip_jax.models.presets import preset
@@ -104,7 +106,8 @@ def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: st
         encode_images(configs.vae, vae_params, images)
         for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
                               total=-(-args.num_scenes // 256), disable=args.quiet)])
-    np.save(path, latents)
+    with atomic_write(path) as tmp:
+        np.save(tmp, latents)
     return latents
 
 
@@ -123,7 +126,8 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
         seeds = scenes.split_seeds("train")
         coverage = np.stack([scenes.object_coverage(scenes.sample_scene(seeds[i]), cells=h)
                              for i in tqdm(range(n), desc="coverage", disable=args.quiet)])
-        np.save(path, coverage)
+        with atomic_write(path) as tmp:
+            np.save(tmp, coverage)
     return 1.0 + args.object_weight * coverage
 
 
@@ -167,8 +171,8 @@ def draw_scene_ids(rng: np.random.Generator, counts: np.ndarray, batch: int,
         return rng.integers(0, len(counts), batch)
     single, several = np.flatnonzero(counts == 1), np.flatnonzero(counts != 1)
     if not len(single) or not len(several):
-        raise ValueError(f"--single-object-share needs scenes of one object and of several among the "
-                         f"{len(counts)} encoded ones; got {len(single)} and {len(several)}")
+        raise BadArgument(f"--single-object-share needs scenes of one object and of several among the "
+                          f"{len(counts)} encoded ones; got {len(single)} and {len(several)}")
     pick = rng.random(batch) < single_share
     return np.where(pick, rng.choice(single, batch), rng.choice(several, batch))
 
@@ -218,7 +222,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     if start > end:
         bound = "--stop-at" if args.stop_at is not None and args.stop_at < args.steps else "--steps"
-        raise ValueError(f"the diffusion checkpoint in {work} is at step {start}, past {bound} {end}")
+        raise BadArgument(f"the diffusion checkpoint in {work} is at step {start}, past {bound} {end}",
+                          f"give {bound} >= {start}, or another --work to start afresh")
     bar = tqdm(range(start, end), desc="UNet+text", initial=start, total=args.steps, disable=args.quiet)
     for s in bar:
         rng = np.random.default_rng([args.seed, s, 0xD1FF])
@@ -259,7 +264,7 @@ def _wall_clock(work: str, seconds: float, trained: bool) -> dict:
     runs = json.load(open(path)) if os.path.isfile(path) else []
     if trained:
         runs.append(round(seconds / 60, 1))
-        with open(path, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(runs, f)
     return {"invocations": runs, "total": round(sum(runs), 1)}
 
@@ -274,6 +279,7 @@ def _same_architecture(a, b) -> bool:
 _PARTS = ("vae", "text_encoder", "unet")
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="checkpoints, caches and sample grids")
@@ -337,6 +343,23 @@ def main(argv=None) -> int:
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    check_seed(args.seed, 2, uses="the diffusion stage draws from --seed + 1")
+    for name in ("vae_steps", "steps", "sample_every"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 0)
+    for name in ("vae_batch", "batch", "num_scenes", "ckpt_every"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    if args.stop_at is not None:
+        check_int(args.stop_at, "--stop-at", 0)
+    for name in ("vae_lr", "lr", "kl_weight", "guidance", "ema_decay", "cond_dropout"):
+        check_finite(getattr(args, name), "--" + name.replace("_", "-"), lo=0.0)
+    for name in ("ema_decay", "cond_dropout"):
+        if getattr(args, name) > 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.init_from is not None and not os.path.isdir(args.init_from):
+        raise MissingFile(args.init_from, f"--init-from folder not found: {args.init_from}",
+                          "pass an earlier export of this program")
+    check_writable_dir(args.work, "--work")
+    check_writable_dir(args.out)
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -382,7 +405,8 @@ def main(argv=None) -> int:
         if "vae" not in started_from and args.vae_steps == 0:
             why = ("--init-parts leaves it out" if "vae" not in args.init_parts else
                    f"{args.init_from} has another VAE architecture than preset '{args.preset}'")
-            raise ValueError(f"--vae-steps 0 reuses the VAE of --init-from, but {why}")
+            raise BadArgument(f"--vae-steps 0 reuses the VAE of --init-from, but {why}",
+                              "give --vae-steps > 0 or --init-parts with vae")
         print(f"[pretrain] starting from {args.init_from}: {sorted(started_from)}", file=sys.stderr)
         used = seeds_in_chain(earlier.info)
         if args.steps > 0 and args.seed in used:

@@ -19,12 +19,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
+from qlip_jax.errors import check_finite, check_int, check_seed, program
 from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
 
 PARSER_SEEDS = 5_000_000  # parser training scenes: seeds from here on (disjoint from all prompt sets)
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -37,6 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed-offset", type=int, default=0,
                    help="first training batch index (continuing runs see fresh scenes)")
     args = p.parse_args(argv)
+    check_int(args.steps, "--steps", 1)
+    check_int(args.batch, "--batch", 1)
+    check_int(args.width, "--width", 1)
+    check_finite(args.lr, "--lr", lo=0.0)
+    check_seed(args.seed)
+    check_writable_dir(args.out)
 
     net = SceneParserNet(args.width)
     params = (SceneParser.load(args.init).params if args.init else
@@ -62,7 +71,7 @@ def main(argv=None) -> int:
     if args.init and os.path.isfile(os.path.join(args.init, "training.json")):
         with open(os.path.join(args.init, "training.json")) as f:
             info["continued_from"] = json.load(f)
-    with open(f"{args.out}/training.json", "w") as f:
+    with atomic_write(f"{args.out}/training.json", "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
     return 0

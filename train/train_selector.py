@@ -35,7 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from qlip_jax.assets import ASSETS, default_model_dir
+from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
+from qlip_jax.errors import (MismatchError, MissingFile, check_finite, check_int, check_sampling_args,
+                             program)
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
@@ -116,7 +119,8 @@ def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bou
     targets = QualityTargets.from_scores(kind, records, np.arange(len(records)), quality_fn(images, records),
                                          bounds, {"guidance": guidance, "steps": pipe.num_steps})
     targets.save(path)
-    np.save(path + ".traj.npy", trajs)
+    with atomic_write(path + ".traj.npy") as tmp:
+        np.save(tmp, trajs)
     return targets, trajs
 
 
@@ -134,8 +138,21 @@ def q2b_run_name(args, quant, method: str | None) -> str:
     return f"q2b-{method or 'quant'}-{args.ablation}-lam{args.lambda_bit}-{digest}"
 
 
+@program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_sampling_args(args, max(args.train_prompts, 1))
+    for name in ("real", "train_prompts", "heldout", "t2q_hidden", "t2q_steps", "group_size", "q2b_steps", "batch",
+                 "rows_per_prompt", "ckpt_every"):
+        check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
+    check_int(args.first_fp_steps, "--first-fp-steps", 0, args.steps)
+    for name in ("t2q_lr", "q2b_lr", "lambda_bit"):
+        check_finite(getattr(args, name), "--" + name.replace("_", "-"), lo=0.0)
+    for flag, folder in (("--quant", args.quant), ("--parser", args.parser), ("--model", args.model)):
+        if folder is not None and not os.path.isdir(folder):
+            raise MissingFile(folder, f"{flag} folder not found: {folder}", f"check {flag}")
+    check_writable_dir(args.work, "--work")
+    check_writable_dir(args.out)
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
     sd = load_stable_diffusion(args.model or default_model_dir())
@@ -143,7 +160,8 @@ def main(argv=None) -> int:
     cfg = quant.config
     bits = tuple(args.bits) if args.bits else tuple(sorted(cfg.act_bits))[:3]
     if len(bits) != 3:
-        raise SystemExit(f"error: Q2B needs three candidate widths, the quantizer has {cfg.act_bits}")
+        raise MismatchError(f"Q2B needs three candidate widths, the quantizer in {args.quant} has {cfg.act_bits}",
+                            "calibrate one with three --act-bits or pass --bits LOW MED HIGH")
     low, med, high = (cfg.index_of(b) for b in bits)
     fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size)
     q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant)

@@ -15,6 +15,8 @@ import importlib.util
 import json
 import os
 
+from qlip_jax.atomic import atomic_write
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the file
@@ -48,14 +50,14 @@ def convert_clip_bpe(gz_path: str, out_dir: str) -> str:
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
         json.dump(special, f, indent=2)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
                    "do_lower_case": True, "errors": "replace", **special}, f, indent=2)
     return out_dir

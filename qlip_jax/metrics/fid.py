@@ -23,10 +23,13 @@ import os
 
 import numpy as np
 
+from qlip_jax.atomic import atomic_write
+from qlip_jax.errors import MismatchError
+
 STATS_FORMAT = 1
 
 
-class StatsMismatchError(ValueError):
+class StatsMismatchError(MismatchError):
     """Cached statistics do not belong to the features they are compared with."""
 
 
@@ -143,7 +146,7 @@ def save_stats(path: str, stats: FeatureStats, tag: str) -> None:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    with open(path, "wb") as f:  # a file object: np.savez would otherwise append '.npz'
+    with atomic_write(path, "wb") as f:  # a file object: np.savez would otherwise append '.npz'
         np.savez(f, mean=stats.mean, cov=stats.cov, n=np.int64(stats.n), tag=np.str_(tag),
                  format=np.int64(STATS_FORMAT))
 

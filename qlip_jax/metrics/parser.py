@@ -15,19 +15,19 @@ trained on unlimited fresh procedural images and evaluated on held-out seeds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from qlip_jax.data.scenes import (
     BACKGROUNDS, COLORS, FILLS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Caption, Scene, SceneObject,
 )
-from qlip_jax.models.io import flat_leaves
+from qlip_jax.atomic import write_json
+from qlip_jax.errors import MissingFile
+from qlip_jax.models.io import flat_leaves, load_safetensors_file, read_json, require_fields, write_safetensors
 
 _SHAPES = ("none",) + SHAPES
 _COLORS, _SIZES, _BGS = tuple(COLORS), tuple(SIZES), tuple(BACKGROUNDS)
@@ -191,19 +191,19 @@ class SceneParser:
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         flat = {"/".join(k): np.asarray(v) for k, v in flat_leaves(self.params).items()}
-        save_file(flat, os.path.join(folder, "parser.safetensors"))
-        with open(os.path.join(folder, "parser.json"), "w") as f:
-            json.dump({"width": self.net.width, "feature_dim": FEATURE_DIM}, f)
+        write_safetensors(flat, os.path.join(folder, "parser.safetensors"), {})
+        write_json(os.path.join(folder, "parser.json"), {"width": self.net.width, "feature_dim": FEATURE_DIM},
+                   indent=None)
 
     @classmethod
     def load(cls, folder: str) -> "SceneParser":
         path = os.path.join(folder, "parser.safetensors")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no scene parser at {folder} (train one with train/train_parser.py)")
-        with open(os.path.join(folder, "parser.json")) as f:
-            meta = json.load(f)
+            raise MissingFile(folder, f"no scene parser at {folder}", "train one with train/train_parser.py")
+        meta_path = os.path.join(folder, "parser.json")
+        meta = require_fields(read_json(meta_path), ("width",), meta_path)
         params: dict = {}
-        for key, value in load_file(path).items():
+        for key, value in load_safetensors_file(path).items():
             node = params
             *parents, leaf = key.split("/")
             for p in parents:

@@ -18,6 +18,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from qlip_jax.errors import QlipInputError
+
 C = TypeVar("C")
 
 #: Keys written by the libraries for bookkeeping; never configuration.
@@ -25,7 +27,7 @@ META_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_u
                        "transformers_version", "architectures", "model_type", "dtype", "torch_dtype"})
 
 
-class ConfigError(ValueError):
+class ConfigError(QlipInputError, ValueError):
     """A config.json this implementation cannot honour."""
 
 

@@ -27,12 +27,15 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from qlip_jax.atomic import atomic_write
+from qlip_jax.atomic import write_json as _atomic_write_json
+from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
 from qlip_jax.naming import flax_to_torch_path
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(MismatchError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
@@ -48,39 +51,68 @@ def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
         return [single]
     index = single + ".index.json"
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards]
+        weight_map = require_fields(read_json(index), ("weight_map",), index)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise BadFile(index, "\"weight_map\" is not an object", "re-export the checkpoint")
+        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     present = sorted(p for p in os.listdir(folder) if p.endswith((".safetensors", ".bin", ".json")))
-    raise FileNotFoundError(
-        f"no '{name}' (or its .index.json) in {folder}; files present: {present}. Only safetensors "
-        "checkpoints are read (convert a .bin with diffusers' save_pretrained(safe_serialization=True)).")
+    raise MissingFile(
+        single, f"no '{name}' (or its .index.json) in {folder}; files present: {present}",
+        "only safetensors checkpoints are read (convert a .bin with diffusers' "
+        "save_pretrained(safe_serialization=True))")
+
+
+def load_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file; a missing, truncated or corrupt file raises
+    :class:`~qlip_jax.errors.MissingFile` / :class:`~qlip_jax.errors.BadFile` naming it."""
+    if not os.path.isfile(path):
+        raise MissingFile(path, f"missing weights file: {path}", "restore the file or export the folder again")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError) on bad bytes
+        raise BadFile(path, f"unreadable safetensors file, truncated or corrupt ({describe(e)})",
+                      "restore the file or export the folder again") from e
+
+
+def require_fields(obj, fields, path: str, what: str = "") -> dict:
+    """``obj`` if it is a JSON object with every one of ``fields``; else :class:`BadFile` naming ``path``
+    and the missing fields."""
+    if not isinstance(obj, dict):
+        raise BadFile(path, f"expected a JSON object{what}, got {type(obj).__name__}",
+                      "restore the file or export the folder again")
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        raise BadFile(path, f"missing field(s) {missing}{what}", "restore the file or export the folder again")
+    return obj
 
 
 def read_safetensors(folder: str, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of a component folder, e.g. ``stem='diffusion_pytorch_model'`` or ``'model'``."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder not found: {folder}")
+        raise MissingFile(folder, f"model folder not found: {folder}", "check the path")
     tensors: dict[str, np.ndarray] = {}
     for path in _weight_files(folder, stem, variant):
-        tensors.update(load_file(path))
+        tensors.update(load_safetensors_file(path))
     return tensors
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str):
+    """The parsed JSON of ``path``; a missing or invalid file raises :class:`~qlip_jax.errors.MissingFile` /
+    :class:`~qlip_jax.errors.BadFile` naming it (and the line of a syntax error)."""
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder not found: {folder}")
+        raise MissingFile(folder, f"model folder not found: {folder}", "check the path")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing config file: {path}")
-    with open(path) as f:
-        return json.load(f)
+        raise MissingFile(path, f"missing config file: {path}", "restore the file or export the folder again")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFile(path, f"invalid JSON ({e})", "fix the file or export the folder again") from None
 
 
 def write_json(path: str, obj: Mapping) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
+    _atomic_write_json(path, obj, indent=2, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,5 +201,7 @@ def flax_to_torch(params: Mapping, *, prefix: str = "", dtype=np.float32) -> dic
     return out
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
-    save_file(dict(tensors), path, metadata={"format": "pt"})
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None) -> None:
+    """``tensors`` to ``path`` atomically (:func:`qlip_jax.atomic.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        save_file(dict(tensors), tmp, metadata={"format": "pt"} if metadata is None else metadata)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlip_jax.atomic import atomic_dir
 from qlip_jax.models import io
 from qlip_jax.models.clip import load_text_encoder, save_text_encoder
 from qlip_jax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
@@ -81,7 +82,8 @@ def save_stable_diffusion(folder: str, sd: StableDiffusion, tokenizer_dir: str,
                       dtype)
     tok_out = os.path.join(folder, "tokenizer")
     if os.path.abspath(tokenizer_dir) != os.path.abspath(tok_out):
-        shutil.copytree(tokenizer_dir, tok_out, dirs_exist_ok=True)
+        with atomic_dir(tok_out) as tmp:
+            shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     io.write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
                   {"_class_name": scheduler_class, **sd.configs.scheduler.to_dict()})

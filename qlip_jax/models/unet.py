@@ -197,7 +197,8 @@ def abstract_unet_params(config: UNetConfig, context_dim: int | None = None) -> 
     """Param tree of shapes (``ShapeDtypeStruct``s) for ``config``, without computing anything."""
     size = config.downsampling_factor
     spec = jax.ShapeDtypeStruct
-    tree = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.key(0),
+    # the key is made inside the traced function: loading a model compiles nothing
+    tree = jax.eval_shape(lambda *a: UNet2DConditionModel(config).init(jax.random.key(0), *a),
                           spec((1, size, size, config.in_channels), jnp.float32), spec((1,), jnp.int32),
                           spec((1, 1, context_dim or config.cross_attention_dim), jnp.float32))
     return tree["params"]

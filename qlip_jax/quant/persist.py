@@ -18,7 +18,8 @@ import os
 import jax
 import numpy as np
 
-from qlip_jax.models.io import flat_leaves
+from qlip_jax.errors import BadFile, MismatchError, MissingFile, QlipInputError, describe
+from qlip_jax.models.io import flat_leaves, require_fields
 from qlip_jax.quant.registry import LayerInfo, Registry
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.training.checkpoint import Checkpointer
@@ -34,7 +35,7 @@ def model_fingerprint(unet_config, unet_params: dict) -> str:
     return h.hexdigest()[:16]
 
 
-class QuantStateMismatch(ValueError):
+class QuantStateMismatch(MismatchError):
     """A quantizer state loaded onto a model it was not calibrated for."""
 
 
@@ -47,22 +48,43 @@ def save_quant_setup(directory: str, setup: QuantSetup, fingerprint: str, meta: 
     Checkpointer(directory, max_to_keep=1).save(0, tree, info)
 
 
+def read_quant_info(directory: str) -> dict:
+    """The checked metadata of a quantizer saved by :func:`save_quant_setup` (no model needed: callers
+    check it before loading one)."""
+    if not os.path.isdir(directory):
+        raise MissingFile(directory, f"no quantizer state at {directory}", "make one with train/calibrate.py")
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    if ckpt.latest_step() is None:
+        raise MissingFile(directory, f"no quantizer state in {directory} (no saved step)",
+                          "make one with train/calibrate.py")
+    try:
+        info = ckpt.restore_meta()
+    except Exception as e:  # orbax: a truncated or corrupt file surfaces as many exception types
+        raise BadFile(directory, f"unreadable quantizer state metadata ({describe(e)})",
+                      "calibrate it again with train/calibrate.py") from e
+    return require_fields(info, ("model_fingerprint", "quant_config", "registry"), directory, " in its metadata")
+
+
 def load_quant_setup(directory: str, fingerprint: str) -> tuple[QuantSetup, dict]:
     """Read a quantizer saved by :func:`save_quant_setup`; ``fingerprint`` is the model's at hand.
 
     Raises :class:`QuantStateMismatch` if it was calibrated for another model.
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no quantizer state at {directory}")
+    info = read_quant_info(directory)
     ckpt = Checkpointer(directory, max_to_keep=1)
-    info = ckpt.restore_meta()
     if info.get("model_fingerprint") != fingerprint:
         raise QuantStateMismatch(
             f"the quantizer state in {directory} was calibrated for model {info.get('model_fingerprint')}, "
             f"not for this model ({fingerprint}); calibrate it again for this model")
     config = QuantConfig.from_dict(info["quant_config"])
     registry = Registry(tuple(LayerInfo(*row) for row in info["registry"]))
-    state, _ = ckpt.restore()
+    try:
+        state, _ = ckpt.restore(step=ckpt.latest_step())  # one step: no fallback to try
+    except QlipInputError:
+        raise
+    except Exception as e:
+        raise BadFile(directory, f"unreadable quantizer state, truncated or corrupt ({describe(e)})",
+                      "calibrate it again with train/calibrate.py") from e
     correction = None
     if info.get("has_ptqd"):
         from qlip_jax.quant.ptqd import PTQDCorrection

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlip_jax.errors import BadArgument
 from qlip_jax.quant.fake_quant import FLOAT_BITS
 
 
@@ -56,10 +57,12 @@ class QuantConfig:
     def __post_init__(self):
         object.__setattr__(self, "act_bits", tuple(int(b) for b in self.act_bits))
         if not self.act_bits:
-            raise ValueError("QuantConfig.act_bits must name at least one candidate bit width")
+            raise BadArgument("QuantConfig.act_bits must name at least one candidate bit width",
+                              "give at least one activation width")
         for b in (*self.act_bits, self.weight_bits):
             if not 2 <= int(b) <= FLOAT_BITS:
-                raise ValueError(f"bit width {b} outside the supported range [2, {FLOAT_BITS}]")
+                raise BadArgument(f"bit width {b} outside the supported range [2, {FLOAT_BITS}]",
+                                  f"use widths from 2 to {FLOAT_BITS}")
 
     @property
     def num_quantized(self) -> int:
@@ -185,10 +188,10 @@ def check_indices(indices: Any, config: QuantConfig) -> None:
         return
     arr = np.asarray(indices)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"bit indices must be integers, got dtype {arr.dtype}")
+        raise BadArgument(f"bit indices must be integers, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() > config.fp_index):
         bad = arr[(arr < 0) | (arr > config.fp_index)].ravel()[:5].tolist()
-        raise ValueError(
+        raise BadArgument(
             f"bit index out of the candidate set: found {bad}; valid indices are 0..{config.fp_index} "
             f"(activation bits {config.act_bits} and {config.fp_index} = full precision)")
 

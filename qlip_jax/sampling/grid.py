@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from qlip_jax.atomic import save_image
 
 
 def make_grid(images: np.ndarray, captions: list[str] | None = None, cols: int | None = None,
@@ -36,7 +37,7 @@ def make_grid(images: np.ndarray, captions: list[str] | None = None, cols: int |
 
 
 def save_grid(path: str, images: np.ndarray, captions: list[str] | None = None, **kw) -> str:
-    """Write :func:`make_grid` to ``path`` (PNG); creates the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_grid(images, captions, **kw).save(path)
-    return path
+    """Write :func:`make_grid` to ``path`` (format from its extension, e.g. PNG) atomically; creates
+    the folder."""
+    grid = make_grid(images, captions, **kw)
+    return save_image(grid, path)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qlip_jax.errors import SEED_MAX, BadArgument
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel
@@ -60,6 +61,18 @@ def to_uint8(images: jax.Array) -> jax.Array:
     """``[-1, 1]`` float images -> uint8 ``[0, 255]``."""
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
+
+
+def seed_array(seeds, batch: int) -> np.ndarray:
+    """uint32 ``[batch]`` seeds from one int or ``[batch]`` ints; a seed outside ``[0, 2**32 - 1]`` raises
+    :class:`~qlip_jax.errors.BadArgument` instead of silently wrapping onto another seed."""
+    arr = np.asarray(seeds)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise BadArgument(f"seeds must be integers, got dtype {arr.dtype}", "pass int seeds")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > SEED_MAX):
+        raise BadArgument(f"seed out of range: {int(arr.min())}..{int(arr.max())}",
+                          f"seeds are unsigned 32-bit, 0..{SEED_MAX}; a negative or larger one would wrap")
+    return np.broadcast_to(arr.astype(np.uint32), (batch,))
 
 class Text2Image:
     """A Stable Diffusion sampler with a fixed scheduler, step count and image size.
@@ -191,7 +204,7 @@ class Text2Image:
           latents: optional initial noise ``[B, h, w, c]`` instead of drawing it from the seeds.
         """
         b = emb.cond.shape[0]
-        seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
+        seeds = seed_array(seeds, b)
         guidance = self.guidance_scales(guidance)
         if schedule is not None:
             self.check_schedule(schedule, b)
@@ -218,7 +231,7 @@ class Text2Image:
         ``latents[i]`` at ``timesteps[i]`` (calibration data, selector training).
         """
         b = emb.cond.shape[0]
-        seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (b,))
+        seeds = seed_array(seeds, b)
         if schedule is not None:
             self.check_schedule(schedule, b)
         images, traj = self._sample(self._params(), emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape),

@@ -71,7 +71,6 @@ References: DDIM, Song et al. 2020 (arXiv:2010.02502); PNDM/PLMS, Liu et al. 202
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from typing import Any, Union
@@ -82,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax.models.configs import META_KEYS, ConfigError
+from qlip_jax.models.io import read_json
 
 __all__ = [
     "SchedulerConfig", "Scheduler", "DDIMCoeffs", "PLMSCoeffs", "DPMSolverCoeffs",
@@ -198,8 +198,7 @@ class SchedulerConfig:
     @classmethod
     def from_json(cls, path: str) -> SchedulerConfig:
         """Read a ``scheduler_config.json``."""
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh), source=path)
+        return cls.from_dict(read_json(path), source=path)
 
     def to_dict(self) -> dict:
         """JSON-able dict in diffusers' field names (without ``_class_name``).

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qlip_jax.atomic import atomic_write
 from qlip_jax.data import scenes
 
 QUALITY_KINDS = ("giqa-knn", "giqa-gmm", "alignment")
@@ -93,8 +94,9 @@ class QualityTargets:
         return normalize(self.raw, self.lo, self.hi)
 
     def save(self, path: str) -> None:
-        np.savez(path, seeds=self.seeds, raw=self.raw)
-        with open(path + ".json", "w") as f:
+        with atomic_write(path + ".npz" if not path.endswith(".npz") else path) as tmp:
+            np.savez(tmp, seeds=self.seeds, raw=self.raw)
+        with atomic_write(path + ".json", "w") as f:
             json.dump({"kind": self.kind, "ids": self.ids, "texts": self.texts, "lo": self.lo,
                        "hi": self.hi, "meta": self.meta}, f)
 

@@ -23,7 +23,8 @@ registry's layers (unknown, missing or repeated names are errors).
 ``.npy`` layout: int32 candidate indices ``[T, L]`` (or ``[B, T, L]``), registry order; no names, so
 import checks the layer count, the step count and the index range.
 
-Every import failure raises ``ValueError`` saying what is wrong and where (step, layer name).
+Every import failure raises :class:`ScheduleError` or :class:`~qlip_jax.errors.BadFile` (both
+``ValueError``) saying what is wrong and where (step, layer name).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from qlip_jax.atomic import atomic_write
+from qlip_jax.errors import BadFile, MissingFile, QlipInputError
 from qlip_jax.quant.state import QuantConfig, check_indices
+
+
+class ScheduleError(QlipInputError, ValueError):
+    """A schedule (JSON object or array) that does not fit the model, quantizer or sampler."""
 
 
 def _names(registry_or_names: Any) -> tuple[str, ...]:
@@ -61,7 +68,7 @@ def schedule_to_json(schedule, registry_or_names, config: QuantConfig, prompt: s
     if sched.ndim == 3 and sched.shape[0] == 1:
         sched = sched[0]
     if sched.ndim != 2 or sched.shape[1] != len(names):
-        raise ValueError(f"one prompt's schedule must have shape [T, L={len(names)}], got {np.shape(schedule)}")
+        raise ScheduleError(f"one prompt's schedule must have shape [T, L={len(names)}], got {np.shape(schedule)}")
     check_indices(sched, config)
     return {"prompt": prompt, "layer_names": list(names), "act_bits": list(config.act_bits),
             "steps": int(sched.shape[0]),
@@ -86,7 +93,7 @@ def save_schedule_json(path: str | os.PathLike, schedule, registry_or_names, con
                        prompt: str | None = None) -> None:
     """Write :func:`schedule_to_json` to ``path``."""
     text = dumps_schedule(schedule_to_json(schedule, registry_or_names, config, prompt))
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
@@ -94,15 +101,15 @@ def _entry_index(value, config: QuantConfig, where: str) -> int:
     if isinstance(value, str):
         if value.strip().lower() == "fp":
             return config.fp_index
-        raise ValueError(f"{where}: entry {value!r} is not a bit width; use one of "
+        raise ScheduleError(f"{where}: entry {value!r} is not a bit width; use one of "
                          f"{list(config.act_bits)} or \"fp\"")
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or (isinstance(value, float) and not value.is_integer())):
-        raise ValueError(f"{where}: entry {value!r} is not a bit width; use one of "
+        raise ScheduleError(f"{where}: entry {value!r} is not a bit width; use one of "
                          f"{list(config.act_bits)} or \"fp\"")
     bits = int(value)
     if bits not in config.act_bits:
-        raise ValueError(f"{where}: activation bit width {bits} is not a candidate of this quantizer; "
+        raise ScheduleError(f"{where}: activation bit width {bits} is not a candidate of this quantizer; "
                          f"candidates are {list(config.act_bits)} and \"fp\"")
     return config.act_bits.index(bits)
 
@@ -124,45 +131,45 @@ def schedule_from_json(obj: dict, registry_or_names, config: QuantConfig,
       ragged row, or a bit width that is not a candidate.
     """
     if not isinstance(obj, dict):
-        raise ValueError(f"a schedule JSON must be an object, got {type(obj).__name__}")
+        raise ScheduleError(f"a schedule JSON must be an object, got {type(obj).__name__}")
     missing = [k for k in ("layer_names", "steps", "schedule") if k not in obj]
     if missing:
-        raise ValueError(f"schedule JSON lacks key(s) {missing}")
+        raise ScheduleError(f"schedule JSON lacks key(s) {missing}")
     names = _names(registry_or_names)
     file_names = obj["layer_names"]
     if not isinstance(file_names, list) or not all(isinstance(n, str) for n in file_names):
-        raise ValueError("\"layer_names\" must be a list of layer-name strings")
+        raise ScheduleError("\"layer_names\" must be a list of layer-name strings")
     unknown = [n for n in file_names if n not in names]
     if unknown:
-        raise ValueError(f"unknown layer(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: not quantized "
+        raise ScheduleError(f"unknown layer(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: not quantized "
                          f"layers of this model (it has {len(names)} layers, e.g. {list(names[:3])})")
     seen: set[str] = set()
     repeated = [n for n in file_names if n in seen or seen.add(n)]
     if repeated:
-        raise ValueError(f"layer(s) {repeated[:5]} listed more than once in \"layer_names\"")
+        raise ScheduleError(f"layer(s) {repeated[:5]} listed more than once in \"layer_names\"")
     absent = [n for n in names if n not in seen]
     if absent:
-        raise ValueError(f"schedule JSON has no column for layer(s) {absent[:5]}"
+        raise ScheduleError(f"schedule JSON has no column for layer(s) {absent[:5]}"
                          f"{' ...' if len(absent) > 5 else ''} ({len(absent)} missing); every quantized "
                          "layer needs a bit width per step")
 
     steps = obj["steps"]
     rows = obj["schedule"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"\"steps\" must be a positive integer, got {steps!r}")
+        raise ScheduleError(f"\"steps\" must be a positive integer, got {steps!r}")
     if not isinstance(rows, list):
-        raise ValueError("\"schedule\" must be a list of per-step lists")
+        raise ScheduleError("\"schedule\" must be a list of per-step lists")
     if len(rows) != steps:
-        raise ValueError(f"wrong step count: \"steps\" says {steps} but \"schedule\" has {len(rows)} rows")
+        raise ScheduleError(f"wrong step count: \"steps\" says {steps} but \"schedule\" has {len(rows)} rows")
     if num_steps is not None and steps != int(num_steps):
-        raise ValueError(f"wrong step count: the schedule has {steps} steps, the sampler runs {num_steps}")
+        raise ScheduleError(f"wrong step count: the schedule has {steps} steps, the sampler runs {num_steps}")
 
     column = np.asarray([names.index(n) for n in file_names], np.int64)   # file column -> registry column
     out = np.empty((steps, len(names)), np.int32)
     for t, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(file_names):
             got = len(row) if isinstance(row, list) else type(row).__name__
-            raise ValueError(f"step {t}: expected a list of {len(file_names)} bit widths (one per layer), "
+            raise ScheduleError(f"step {t}: expected a list of {len(file_names)} bit widths (one per layer), "
                              f"got {got}")
         for j, value in enumerate(row):
             out[t, column[j]] = _entry_index(value, config, f"step {t}, layer '{file_names[j]}'")
@@ -173,12 +180,18 @@ def load_schedule_json(path: str | os.PathLike, registry_or_names, config: Quant
                        num_steps: int | None = None) -> tuple[np.ndarray, str | None]:
     """Read and validate a schedule JSON file: ``(schedule int32 [T, L], prompt)``
     (see :func:`schedule_from_json`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFile(path, f"schedule file not found: {path}", "check the path")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return schedule_from_json(obj, registry_or_names, config, num_steps)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFile(path, f"not valid JSON ({e})", "fix or re-export the schedule") from None
+    try:
+        return schedule_from_json(obj, registry_or_names, config, num_steps)
+    except QlipInputError as e:
+        raise BadFile(path, str(e), "see qlip_jax/selector/schedule_io.py for the layout") from None
 
 
 def save_schedule_npy(path: str | os.PathLike, schedule, config: QuantConfig | None = None) -> None:
@@ -186,33 +199,67 @@ def save_schedule_npy(path: str | os.PathLike, schedule, config: QuantConfig | N
     ``config`` if given)."""
     arr = np.asarray(schedule)
     if arr.ndim not in (2, 3):
-        raise ValueError(f"a schedule must have shape [T, L] or [B, T, L], got {arr.shape}")
+        raise ScheduleError(f"a schedule must have shape [T, L] or [B, T, L], got {arr.shape}")
     if config is not None:
         check_indices(arr, config)
-    np.save(path, arr.astype(np.int32))
+    with atomic_write(path) as tmp:
+        np.save(tmp, arr.astype(np.int32))
 
 
-def load_schedule_npy(path: str | os.PathLike, registry_or_names: Any, config: QuantConfig,
-                      num_steps: int | None = None) -> np.ndarray:
-    """Read int32 candidate indices ``[T, L]`` or ``[B, T, L]`` and validate them.
+def read_schedule_npy(path: str | os.PathLike, batch: int | None = None,
+                      num_candidates: int | None = None) -> np.ndarray:
+    """The file-level checks of a ``.npy`` schedule, possible before any model is loaded: a readable
+    ``.npy`` (no pickles) of integer candidate indices ``[T, L]`` or ``[B|1, T, L]``, ``B == batch`` if
+    given, every index in ``[0, num_candidates]`` (``num_candidates`` = K, index K = full precision).
 
-    ``registry_or_names`` may also be the layer count ``L`` (an int).
+    Returns the int32 array; raises :class:`~qlip_jax.errors.BadFile` naming ``path`` and the problem.
     """
-    arr = np.load(path, allow_pickle=False)
-    num_layers = registry_or_names if isinstance(registry_or_names, int) else len(_names(registry_or_names))
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"{path}: a schedule must have shape [T, L] or [B, T, L], got {arr.shape}")
-    if arr.shape[-1] != num_layers:
-        raise ValueError(f"{path}: the schedule has {arr.shape[-1]} layer columns, the model has "
-                         f"{num_layers} quantized layers")
-    if num_steps is not None and arr.shape[-2] != int(num_steps):
-        raise ValueError(f"{path}: wrong step count: the schedule has {arr.shape[-2]} steps, the "
-                         f"sampler runs {num_steps}")
-    check_indices(arr, config)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFile(path, f"schedule file not found: {path}", "check the path")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadFile(path, f"not a readable .npy array ({e})",
+                      "write schedules with numpy.save (integer candidate indices [T, L] or [B, T, L])") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3):
+        raise BadFile(path, f"a schedule must have shape [T, L] or [B, T, L], got {np.shape(arr)}",
+                      "save one [T, L] array for every prompt or one [B, T, L] row per prompt")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise BadFile(path, f"schedule entries must be integer candidate indices, got dtype {arr.dtype}",
+                      "save it with .astype(numpy.int32)")
+    if batch is not None and arr.ndim == 3 and arr.shape[0] not in (1, batch):
+        raise BadFile(path, f"the schedule has {arr.shape[0]} rows [B, T, L] for {batch} prompt(s)",
+                      "give one row per prompt, or a single [T, L] / [1, T, L] schedule for all")
+    if num_candidates is not None and arr.size and (arr.min() < 0 or arr.max() > num_candidates):
+        bad = arr[(arr < 0) | (arr > num_candidates)].ravel()[:5].tolist()
+        raise BadFile(path, f"bit index out of the candidate set: found {bad}",
+                      f"valid indices are 0..{num_candidates} ({num_candidates} = full precision)")
     return arr.astype(np.int32)
 
 
+def load_schedule_npy(path: str | os.PathLike, registry_or_names: Any, config: QuantConfig,
+                      num_steps: int | None = None, batch: int | None = None) -> np.ndarray:
+    """Read int32 candidate indices ``[T, L]`` or ``[B, T, L]`` and validate them against the model
+    (:func:`read_schedule_npy`, then layer count, step count and ``config``'s candidates).
+
+    ``registry_or_names`` may also be the layer count ``L`` (an int). With ``batch``, the result is
+    broadcast to ``[batch, T, L]``.
+    """
+    arr = read_schedule_npy(path, batch, config.fp_index)
+    num_layers = registry_or_names if isinstance(registry_or_names, int) else len(_names(registry_or_names))
+    if arr.shape[-1] != num_layers:
+        raise BadFile(os.fspath(path), f"the schedule has {arr.shape[-1]} layer columns, the model has "
+                      f"{num_layers} quantized layers", "export a schedule for this model")
+    if num_steps is not None and arr.shape[-2] != int(num_steps):
+        raise BadFile(os.fspath(path), f"wrong step count: the schedule has {arr.shape[-2]} steps, the "
+                      f"sampler runs {num_steps}", f"sample with --steps {arr.shape[-2]} or export a new schedule")
+    if batch is not None:
+        arr = np.broadcast_to(arr, (batch, *arr.shape[-2:]))
+    return arr
+
+
 __all__ = [
-    "dumps_schedule", "load_schedule_json", "load_schedule_npy", "save_schedule_json", "save_schedule_npy",
+    "dumps_schedule", "load_schedule_json", "load_schedule_npy", "read_schedule_npy", "save_schedule_json", "save_schedule_npy",
     "schedule_from_json", "schedule_to_json",
 ]

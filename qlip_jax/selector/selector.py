@@ -12,16 +12,16 @@ Folder layout: ``selector.json`` (configs, training record), ``t2q.safetensors``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from qlip_jax.models.io import flat_leaves
+from qlip_jax.atomic import atomic_dir, write_json
+from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
+from qlip_jax.models.io import flat_leaves, load_safetensors_file, read_json, require_fields, write_safetensors
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.state import QuantSetup
 from qlip_jax.selector.q2b import Q2B, Q2BConfig, hard_indices
@@ -29,17 +29,17 @@ from qlip_jax.selector.t2q import T2Q
 
 
 def _save_tree(path: str, tree) -> None:
-    save_file({"/".join(k): np.asarray(v, np.float32) for k, v in flat_leaves(tree).items()}, path)
+    write_safetensors({"/".join(k): np.asarray(v, np.float32) for k, v in flat_leaves(tree).items()}, path, {})
 
 
 def _load_tree(path: str) -> dict:
     tree: dict = {}
-    for key, value in load_file(path).items():
+    for key, value in load_safetensors_file(path).items():
         node = tree
         *parents, leaf = key.split("/")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
+        node[leaf] = value  # NumPy: the jitted selector takes it as is (no per-shape device transfer compile)
     return tree
 
 
@@ -49,7 +49,7 @@ class Selector:
     def __init__(self, t2q: T2Q, t2q_params, q2b: Q2B, q2b_params, quant: QuantSetup, pooling: str = "eos",
                  info: dict | None = None):
         if q2b.config.num_layers != len(quant.registry):
-            raise ValueError(f"Q2B was built for {q2b.config.num_layers} layers, the quantizer has "
+            raise MismatchError(f"Q2B was built for {q2b.config.num_layers} layers, the quantizer has "
                              f"{len(quant.registry)}")
         self.t2q, self.t2q_params, self.q2b, self.q2b_params = t2q, t2q_params, q2b, q2b_params
         self.quant, self.pooling, self.info = quant, pooling, dict(info or {})
@@ -81,26 +81,41 @@ class Selector:
         _save_tree(os.path.join(folder, "q2b.safetensors"), self.q2b_params)
         meta = {"t2q": {"hidden": self.t2q.hidden}, "q2b": dataclasses.asdict(self.q2b.config),
                 "pooling": self.pooling, "info": {**self.info, **(info or {})}}
-        with open(os.path.join(folder, "selector.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        write_json(os.path.join(folder, "selector.json"), meta, indent=1)
         if quant_dir is not None:
             dst = os.path.join(folder, "quant")
             if os.path.abspath(quant_dir) != os.path.abspath(dst):
-                shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(quant_dir, dst)
+                with atomic_dir(dst) as tmp:
+                    shutil.copytree(quant_dir, tmp, dirs_exist_ok=True)
+
+    @staticmethod
+    def read_meta(folder: str) -> dict:
+        """The checked ``selector.json`` of ``folder`` (no model needed: callers check it before loading one)."""
+        path = os.path.join(folder, "selector.json")
+        if not os.path.isfile(path):
+            raise MissingFile(folder, f"no selector at {folder} (no selector.json)",
+                              "train one with train/train_selector.py")
+        meta = require_fields(read_json(path), ("t2q", "q2b", "pooling", "info"), path)
+        require_fields(meta["t2q"], ("hidden",), path, " under \"t2q\"")
+        if meta["pooling"] not in ("eos", "mean"):
+            raise BadFile(path, f"\"pooling\" must be \"eos\" or \"mean\", got {meta['pooling']!r}",
+                          "restore the file or train the selector again")
+        return meta
 
     @classmethod
     def load(cls, folder: str, sd) -> "Selector":
         """Load for the model ``sd`` (a :class:`~qlip_jax.models.sd.StableDiffusion`); the quantizer
         state must have been calibrated for it."""
+        meta = cls.read_meta(folder)
         path = os.path.join(folder, "selector.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no selector at {folder} (train one with train/train_selector.py)")
-        with open(path) as f:
-            meta = json.load(f)
+        try:
+            q2b_config = Q2BConfig(**meta["q2b"])
+        except TypeError as e:
+            raise BadFile(path, f"invalid \"q2b\" config ({describe(e)})",
+                          "restore the file or train the selector again") from e
+        t2q_params = _load_tree(os.path.join(folder, "t2q.safetensors"))
+        q2b_params = _load_tree(os.path.join(folder, "q2b.safetensors"))
         quant, _ = load_quant_setup(os.path.join(folder, "quant"), model_fingerprint(sd.configs.unet,
                                                                                     sd.params["unet"]))
-        t2q = T2Q(hidden=meta["t2q"]["hidden"])
-        q2b = Q2B(Q2BConfig(**meta["q2b"]))
-        return cls(t2q, _load_tree(os.path.join(folder, "t2q.safetensors")), q2b,
-                   _load_tree(os.path.join(folder, "q2b.safetensors")), quant, meta["pooling"], meta["info"])
+        return cls(T2Q(hidden=meta["t2q"]["hidden"]), t2q_params, Q2B(q2b_config), q2b_params, quant,
+                   meta["pooling"], meta["info"])

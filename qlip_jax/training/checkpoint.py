@@ -5,15 +5,24 @@ A training state is any pytree of arrays (params, optimizer state, EMA params, s
 state belongs to) through an ``orbax.checkpoint.CheckpointManager``, and restores it into the
 structure of a template state, so a run interrupted at any point resumes from its last save with
 an identical state.
+
+Fallback: orbax writes a save to a temporary folder and renames it when complete, so an interrupted
+save never becomes a step. A step that is there but cannot be read (a truncated or corrupted file)
+is reported in one line on stderr, moved aside to ``<step>.unreadable`` (kept, never deleted) and the
+newest readable step is restored instead; if no step is readable, :class:`~qlip_jax.errors.BadFile`
+says so and nothing is moved or deleted.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from qlip_jax.errors import BadFile, MissingFile, describe
 
 
 class Checkpointer:
@@ -33,22 +42,58 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
         self.manager.wait_until_finished()
 
-    def restore(self, template=None, step: int | None = None):
-        """``(state, meta)`` of ``step`` (default: latest) in the structure/dtypes of ``template``
-        (or as saved, as NumPy arrays, without one)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def _restore(self, step: int, template):
         abstract = None if template is None else jax.tree.map(
             lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def restore(self, template=None, step: int | None = None):
+        """``(state, meta)`` of ``step`` in the structure/dtypes of ``template`` (or as saved, as NumPy
+        arrays, without one).
+
+        Without ``step``: the newest READABLE step. Each newer step that fails to restore is named on
+        stderr and moved aside to ``<step>.unreadable`` once a readable one is found (so the run can save
+        that step again); if none is readable, :class:`BadFile` and nothing is moved.
+        """
+        if step is not None:
+            return self._restore(step, template)
+        steps = self.all_steps()
+        if not steps:
+            raise MissingFile(self.directory, f"no checkpoint in {self.directory}", "start a new run")
+        failed: list[tuple[int, str]] = []
+        for s in reversed(steps):
+            try:
+                out = self._restore(s, template)
+            except Exception as e:  # orbax / tensorstore raise many types on truncated or corrupt files
+                failed.append((s, describe(e, 160)))
+                continue
+            for bad, why in failed:
+                print(f"[checkpoint] step {bad} in {self.directory} cannot be read ({why}); falling back to step "
+                      f"{s} (the unreadable one is kept as {bad}.unreadable)", file=sys.stderr)
+                self._set_aside(bad)
+            if failed:
+                self.manager.reload()
+            return out
+        raise BadFile(self.directory, f"no readable checkpoint: every step {steps} fails to load "
+                      f"(latest: {failed[0][1]})", "nothing was deleted; restore the folder from a backup, or "
+                      "give another work folder to start afresh")
+
+    def _set_aside(self, step: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst, k = src + ".unreadable", 1
+        while os.path.exists(dst):
+            dst, k = f"{src}.unreadable{k}", k + 1
+        os.replace(src, dst)
+
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingFile(self.directory, f"no checkpoint in {self.directory}", "start a new run")
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
