@@ -160,7 +160,7 @@ def cmd_sample(args) -> int:
         raise SystemExit(f"error: {args.out} exists; pass --overwrite to replace it")
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     selector = None
     if kind == "qlip":
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="text-to-image sampling at a chosen precision")
     s.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    s.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)

@@ -600,6 +600,7 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     from qlip_jax.assets import ASSETS
 
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"), help="scene parser folder")
     p.add_argument("--settings", nargs="+", default=None,
                    help="uniform settings to run, e.g. W4A6 W4A8 (default: every candidate of each quantizer)")
@@ -641,7 +642,7 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
     if not 2 <= args.n <= n_eval:
         raise SystemExit(f"error: --n must be between 2 and {n_eval} (the evaluation prompt set), got {args.n}")
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     methods = load_methods(sd, quant_dirs, selector_dirs, args.settings)
     inception = load_inception(args.inception, args.inception_weights)

@@ -37,6 +37,7 @@ from qlip_jax.sampling.pipeline import Text2Image
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--method", default="mse", choices=METHODS)
     p.add_argument("--init", default=None, choices=[m for m in METHODS if m != "ptqd"],
                    help="base quantizer of --method qdiff (default mse) or ptqd (default qdiff)")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
                          quantize_attn_matmul=args.attn_matmul)
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
           file=sys.stderr)

@@ -142,11 +142,12 @@ def abstract_text_params(config: CLIPTextConfig) -> dict:
     return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
 
 
-def load_text_encoder(folder: str) -> tuple[CLIPTextConfig, dict]:
-    """Read a transformers ``text_encoder/`` folder (``config.json`` + ``model.safetensors``)."""
+def load_text_encoder(folder: str, variant: str | None = None) -> tuple[CLIPTextConfig, dict]:
+    """Read a transformers ``text_encoder/`` folder (``config.json`` + ``model.safetensors``, or
+    ``model.<variant>.safetensors``)."""
     config = CLIPTextConfig.from_dict(io.read_json(os.path.join(folder, "config.json")),
                                       source=os.path.join(folder, "config.json"))
-    tensors = io.read_safetensors(folder, "model")
+    tensors = io.read_safetensors(folder, "model", variant)
     # SD v1.x and transformers 4 checkpoints prefix every key with "text_model."; transformers 5
     # saves CLIPTextModel without it. Both load.
     prefix = PREFIX if any(k.startswith(PREFIX) for k in tensors) else ""

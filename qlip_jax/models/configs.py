@@ -143,7 +143,7 @@ class UNetConfig:
         supported = {name: _is_default(cls, name) for name in must_be_default}
         supported |= {
             "act_fn": lambda v: v == "silu",
-            "mid_block_type": lambda v: v == "UNetMidBlock2DCrossAttn",
+            "mid_block_type": lambda v: v in ("UNetMidBlock2DCrossAttn", None),  # None: BK-SDM
             "down_block_types": lambda v: all(b in ("CrossAttnDownBlock2D", "DownBlock2D") for b in v),
             "up_block_types": lambda v: all(b in ("CrossAttnUpBlock2D", "UpBlock2D") for b in v),
             "layers_per_block": lambda v: isinstance(v, int),

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -40,18 +42,59 @@ class WeightLoadError(ValueError):
 # Files
 
 
-def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
-    """Safetensors files of one component: single file or a sharded ``*.index.json``."""
-    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+def _variant_name(stem: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model[.fp16].safetensors`` (diffusers' ``_add_variant``)."""
+    return f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+
+
+def _files_named(folder: str, name: str, variant: str | None) -> list[str] | None:
+    """The file ``name`` or the shards its index lists, or None. Sharded variants are indexed as
+    ``<stem>.safetensors.index.<variant>.json`` (diffusers/transformers) or ``<name>.index.json``."""
     single = os.path.join(folder, name)
     if os.path.isfile(single):
         return [single]
-    index = single + ".index.json"
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards]
+    indices = [single + ".index.json"]
+    if variant:
+        indices.append(os.path.join(folder, name.replace(f".{variant}.safetensors",
+                                                         f".safetensors.index.{variant}.json")))
+    for index in indices:
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(folder, s) for s in shards]
+    return None
+
+
+def variants_present(folder: str, stem: str) -> list[str]:
+    """Variant names (``fp16``, ...) of ``stem`` safetensors files in ``folder``."""
+    pat = re.compile(re.escape(stem) + r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+    found = {m.group(1) for p in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := pat.match(p))}
+    return sorted(found)
+
+
+def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
+    """Safetensors files of one component: single file or a sharded ``*.index.json``.
+
+    With ``variant`` (e.g. ``'fp16'``) the variant files are read; a component without them falls back
+    to its plain files with a warning, as diffusers does for a pipeline with a mixture."""
+    name = _variant_name(stem, variant)
+    files = _files_named(folder, name, variant)
+    if files is not None:
+        return files
+    if variant:
+        plain = _files_named(folder, _variant_name(stem, None), None)
+        if plain is not None:
+            warnings.warn(f"{folder} has no {variant} variant ('{name}'); loading its "
+                          f"'{_variant_name(stem, None)}' instead", stacklevel=3)
+            return plain
     present = sorted(p for p in os.listdir(folder) if p.endswith((".safetensors", ".bin", ".json")))
+    others = [v for v in variants_present(folder, stem) if v != variant]
+    if others:
+        raise FileNotFoundError(
+            f"no '{name}' in {folder}, but it has the variant(s) {others} "
+            f"({', '.join(_variant_name(stem, v) for v in others)}): load with variant={others[0]!r} "
+            f"(programs: --variant {others[0]})")
     raise FileNotFoundError(
         f"no '{name}' (or its .index.json) in {folder}; files present: {present}. Only safetensors "
         "checkpoints are read (convert a .bin with diffusers' save_pretrained(safe_serialization=True)).")
