@@ -13,6 +13,8 @@ Flax leaf          PyTorch key suffix      layout change
 ``bias``           ``bias``                none
 =================  ======================  ==========================================
 
+Bare parameters (``class_embedding``, ``logit_scale`` of CLIP) keep their name and layout.
+
 Loading checks every key both ways (missing, unexpected, shape) and names the offending key and
 file. Tensors are converted to float32 whatever dtype the file stores (fp16 variants load as-is).
 """
@@ -32,6 +34,8 @@ from safetensors.numpy import load_file, save_file
 from qlip_jax.naming import flax_to_torch_path
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+#: bare parameters (``nn.Parameter`` attributes in PyTorch): the leaf name is the key's last part
+_RAW_LEAVES = frozenset({"class_embedding", "logit_scale"})
 
 
 class WeightLoadError(ValueError):
@@ -146,6 +150,8 @@ def flat_leaves(tree: Mapping) -> dict[tuple[str, ...], object]:
 
 def _torch_key(path: tuple[str, ...], prefix: str) -> str:
     leaf = path[-1]
+    if leaf in _RAW_LEAVES:
+        return prefix + flax_to_torch_path(path)
     if leaf not in _LEAF_TO_TORCH:
         raise WeightLoadError(f"no PyTorch name for Flax leaf '{'/'.join(path)}'")
     return prefix + flax_to_torch_path(path[:-1]) + "." + _LEAF_TO_TORCH[leaf]
