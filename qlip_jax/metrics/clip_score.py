@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from qlip_jax.data.images import center_crop
 from qlip_jax.models.clip import CLIPModel, load_clip
 from qlip_jax.models.configs import CLIPConfig
 
@@ -75,19 +76,6 @@ class ClipPreprocess:
             x = center_crop(x, self.crop)
         x = x * self.rescale_factor
         return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
-
-
-def center_crop(x: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
-    """``[H, W, C] -> [ch, cw, C]``, the window's top-left at ``((H - ch) // 2, (W - cw) // 2)``; an image
-    smaller than the crop is zero-padded around (as transformers does)."""
-    ch, cw = crop
-    h, w = x.shape[:2]
-    if h < ch or w < cw:
-        ph, pw = max(ch - h, 0), max(cw - w, 0)
-        x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-        h, w = x.shape[:2]
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[top:top + ch, left:left + cw]
 
 
 class ClipScorer:
