@@ -369,3 +369,24 @@ def open_source(prompts: str | None = None, reference: str | None = None, seed: 
             raise ValueError("--reference needs --prompts (the captions the reference images go with)")
         return SceneSource()
     return FileSource(prompts, reference, seed, caption_column=caption_column)
+
+
+def add_source_arguments(parser, reference: bool = True) -> None:
+    """The data options every program shares: ``--prompts FILE``, ``--caption-column``, ``--data-seed`` and
+    (unless ``reference=False``) ``--reference DIR|FILE.npz``."""
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="prompt file: .txt (one caption a line), .jsonl/.csv (caption column), COCO "
+                             "captions .json; split into train/calibration/eval by --data-seed (default: the "
+                             "embedded model's procedural scene prompts)")
+    parser.add_argument("--caption-column", default=None,
+                        help=f"caption column of a .jsonl/.csv --prompts (default: {', '.join(CAPTION_COLUMNS)})")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split of --prompts")
+    if reference:
+        parser.add_argument("--reference", default=None, metavar="DIR|NPZ",
+                            help="reference images (a folder, any sizes) or Inception statistics (.npz with "
+                                 "mu, sigma) for --prompts")
+
+
+def source_from_args(args) -> DataSource:
+    """The source named by :func:`add_source_arguments`' options."""
+    return open_source(args.prompts, getattr(args, "reference", None), args.data_seed, args.caption_column)
