@@ -173,3 +173,19 @@ def test_program_variant_option(fp16_dir, tmp_path):
     assert main(argv + ["--variant", "fp16", "--out", str(tmp_path / "a.png")]) == 0
     img = np.asarray(Image.open(tmp_path / "a.png"))
     assert img.shape[1] == 64 and img.std() > 1
+
+
+def test_sharded_fp16_variant(tiny_unet_dir, tmp_path):
+    """diffusers names sharded variant files ``<stem>.fp16-0000k-of-0000n.safetensors`` with the index
+    ``<stem>.safetensors.index.fp16.json``; they load, equal to the unsharded weights rounded to fp16."""
+    from diffusers import UNet2DConditionModel
+
+    from qlip_jax.models.unet import load_unet
+
+    UNet2DConditionModel.from_pretrained(tiny_unet_dir).to(torch.float16).save_pretrained(
+        tmp_path, variant="fp16", max_shard_size="100KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    _, got = load_unet(str(tmp_path), "fp16")
+    _, full = load_unet(tiny_unet_dir)
+    assert all(np.array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)))

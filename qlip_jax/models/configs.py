@@ -76,6 +76,11 @@ class UNetConfig:
 
     Note the diffusers naming quirk: for SD v1 ``attention_head_dim`` actually holds the *number of
     heads* (8) when ``num_attention_heads`` is unset; :meth:`heads` reproduces it.
+
+    Supported beyond SD v1: SD 2.x's ``use_linear_projection``, per-block head counts and
+    ``upcast_attention`` (accepted: in float32 it changes nothing; with a bfloat16 compute dtype ``QK^T``
+    stays in bfloat16, whose range does not overflow as float16's does, and the softmax is float32);
+    BK-SDM's ``mid_block_type: null`` (no mid block). Any other non-default value is refused by name.
     """
 
     sample_size: int | None = None
