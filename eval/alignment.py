@@ -85,6 +85,7 @@ def compare_table(runs: dict[str, list[dict]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--split", default="eval", choices=["eval", "train"],
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta, guidance_rescale=args.guidance_rescale)
     records = prompt_set(args.split)[:args.n]

@@ -68,6 +68,7 @@ def placement_share(images: np.ndarray, backgrounds: np.ndarray, masks: np.ndarr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=f"{ASSETS}/scene-parser")
     p.add_argument("--n", type=int, default=60, help="prompts per probe (the first held-out ones)")
     p.add_argument("--timesteps", type=int, nargs="+", default=[0, 300, 500, 700, 900])
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     steps = sd.configs.scheduler.num_train_timesteps
     bad = [t for t in args.timesteps if not 0 <= t < steps]
     if bad:

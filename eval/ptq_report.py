@@ -56,6 +56,7 @@ def parse_setting(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--methods", nargs="+", default=["minmax", "mse"], choices=METHODS)
     p.add_argument("--settings", nargs="+", default=["W4A6", "W4A8", "W4A10", "W4A16", "W8A8"])
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     check_writable_dir(args.out)
     t0 = time.time()
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     records = prompt_set("eval")[:args.n]

@@ -51,6 +51,7 @@ def stated_attributes(caption) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--method", default="mse", choices=METHODS)
     p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     check_writable_dir(args.out)
     os.makedirs(args.out, exist_ok=True)
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     fp = Text2Image(sd, args.scheduler, args.steps)
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)

@@ -1,6 +1,6 @@
 """The ``qlip`` command.
 
-``qlip sample --prompt TEXT [--prompt ...] [--model DIR] [--steps N] [--guidance G] [--seed S]
+``qlip sample --prompt TEXT [--prompt ...] | --prompts FILE [--n N]  [--model DIR] [--steps N] [--guidance G] [--seed S]
 [--precision fp|qlip|wXaY|SCHEDULE.npy|SCHEDULE.json] [--selector DIR] [--quant DIR] [--out grid.png]``
 
 ``qlip demo [--n 128] [--out qlip-demo] [--overwrite] [--model DIR --quant DIR --selector DIR]``: the main
@@ -98,8 +98,10 @@ def _json_widths(path: str) -> tuple[set[int], tuple[int, ...]]:
 
 def _quantizer(sd, args, kind: str, value):
     """The quantizer for a quantized precision: ``--quant DIR``; else the shipped state if it was
-    calibrated for this model and has the widths needed; else min-max calibration (with a note)."""
-    from qlip_jax.data.scenes import prompt_set
+    calibrated for this model and has the widths needed; else min-max calibration (with a note) on the
+    calibration split of ``--prompts FILE`` (the scene prompts for the embedded model; another ``--model``
+    without ``--prompts`` is refused)."""
+    from qlip_jax.data.sources import source_from_args
     from qlip_jax.quant.calibration import calibrate_minmax
     from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
@@ -141,8 +143,13 @@ def _quantizer(sd, args, kind: str, value):
             print(f"[qlip] note: the shipped quantizer state is W{cfg.weight_bits}A{list(cfg.act_bits)}, which does "
                   "not serve this precision", file=sys.stderr)
     config = QuantConfig(act_bits=fallback, weight_bits=wbits)
-    calib = [r.text for r in prompt_set("calibration")[:args.calib_prompts]]
-    print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts ...",
+    if args.model and not args.prompts:
+        raise SystemExit(f"error: no quantizer for {args.precision} on this model: pass --quant DIR "
+                         "(train/calibrate.py), or --prompts FILE to min-max calibrate on its calibration split")
+    source = source_from_args(args)
+    calib = [r.text for r in source.prompts("calibration")[:args.calib_prompts]]
+    what = "the scene prompts" if args.prompts is None else args.prompts
+    print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts of {what} ...",
           file=sys.stderr)
     return calibrate_minmax(Text2Image(sd, args.scheduler, args.steps), config, calib, range(len(calib)),
                             args.guidance, num_steps_kept=8)
@@ -185,6 +192,19 @@ def check_sample_args(args):
     return kind, value
 
 
+def _sample_prompts(args) -> list[str]:
+    """``--prompt`` texts, else the first ``--n`` evaluation-split prompts of ``--prompts FILE``."""
+    from qlip_jax.data.sources import source_from_args
+
+    if args.prompt:
+        return list(args.prompt)
+    if not args.prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
+    if args.n < 1:
+        raise SystemExit(f"error: --n must be at least 1, got {args.n}")
+    return [p.text for p in source_from_args(args).prompts("eval")[:args.n]]
+
+
 def cmd_sample(args) -> int:
     from qlip_jax.atomic import claim_output, release_claim
 
@@ -211,7 +231,7 @@ def _sample(args, kind, value) -> int:
 
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     selector, quant = None, None  # the selector / quantizer are read (and refused) before anything compiles
     if kind == "qlip":
         try:
@@ -223,32 +243,32 @@ def _sample(args, kind, value) -> int:
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
     pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
-    print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(args.prompt)} prompt(s), "
+    print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(prompts)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
     schedule, quality = None, None
     if kind == "file":  # checked against the model before anything compiles
         schedule = load_schedule_npy(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps,
-                                     batch=len(args.prompt))
+                                     batch=len(prompts))
     elif kind == "json":
         schedule, _ = load_schedule_json(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps)
-        schedule = np.broadcast_to(schedule, (len(args.prompt),) + schedule.shape)
-    emb = pipe.encode(args.prompt)
-    for p, cut in zip(args.prompt, emb.truncated):
+        schedule = np.broadcast_to(schedule, (len(prompts),) + schedule.shape)
+    emb = pipe.encode(prompts)
+    for p, cut in zip(prompts, emb.truncated):
         if cut:
             print(f"[qlip] warning: prompt truncated to 77 tokens: {p[:60]}...", file=sys.stderr)
     if kind == "uniform":
-        schedule = pipe.uniform_schedule(len(args.prompt), value[1])
+        schedule = pipe.uniform_schedule(len(prompts), value[1])
     elif kind == "qlip":
         quality, schedule = selector.predict(pipe, emb)
     t1 = time.time()
-    images = pipe(emb, np.arange(len(args.prompt)) + args.seed, args.guidance, schedule)
+    images = pipe(emb, np.arange(len(prompts)) + args.seed, args.guidance, schedule)
     print(f"[qlip] sampled in {time.time() - t1:.1f}s (including compilation)", file=sys.stderr)
     if schedule is not None:
         fab = np.asarray(average_act_bits(np.asarray(schedule), pipe.quant.config))
-        for i, p in enumerate(args.prompt):
+        for i, p in enumerate(prompts):
             q = "" if quality is None else f", predicted quality {float(quality[i]):.3f}"
             print(f"average activation bits {fab[i]:.2f}{q}: {p}")
-    save_grid(args.out, images, args.prompt)
+    save_grid(args.out, images, prompts)
     print(args.out)
     return 0
 
@@ -271,13 +291,19 @@ def cmd_demo(args) -> int:
 
 @program
 def main(argv: list[str] | None = None) -> int:
+    from qlip_jax.data.sources import add_source_arguments
+
     parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0],
                                      epilog="A bad input prints one 'error:' line and exits 2; --debug (anywhere) "
                                             "or QLIP_DEBUG=1 shows its traceback instead.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="text-to-image sampling at a chosen precision")
     s.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
-    s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    s.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="repeat for several prompts (default: the first --n evaluation prompts of --prompts FILE)")
+    add_source_arguments(s, reference=False)
+    s.add_argument("--n", type=int, default=4, help="prompts sampled from --prompts FILE without --prompt")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0,

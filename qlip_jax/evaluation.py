@@ -602,6 +602,7 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     from qlip_jax.assets import ASSETS
 
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"), help="scene parser folder")
     p.add_argument("--settings", nargs="+", default=None,
                    help="uniform settings to run, e.g. W4A6 W4A8 (default: every candidate of each quantizer)")
@@ -649,7 +650,7 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
         raise MissingFile(args.model, f"model folder not found: {args.model}",
                           "pass a diffusers-format Stable Diffusion folder, or leave --model out")
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     methods = load_methods(sd, quant_dirs, selector_dirs, args.settings)
     inception = load_inception(args.inception, args.inception_weights)

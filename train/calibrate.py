@@ -1,7 +1,11 @@
 """Calibrate a base PTQ quantizer for every candidate activation width at once, and save it.
 
     python train/calibrate.py --method mse --out runs/quant/mse            # embedded mini SD
-    python train/calibrate.py --model SD_FOLDER --act-bits 6 8 10 --weight-bits 4 --method qdiff ...
+    python train/calibrate.py --model SD_FOLDER --prompts captions.txt --act-bits 6 8 10 --weight-bits 4 \
+        --method qdiff --out runs/quant/my-qdiff
+
+Calibration prompts are the first ``--calib-prompts`` of the calibration split of ``--prompts FILE``
+(:class:`qlip_jax.data.sources.FileSource`), or of the procedural scene prompts without it.
 
 Steps: float sampling of the calibration prompts (held out from evaluation) with the sampler and step
 count the quantizer will serve; the UNet inputs at ``--keep-steps`` steps spread over each trajectory,
@@ -27,8 +31,8 @@ import numpy as np
 
 from qlip_jax.assets import default_model_dir
 from qlip_jax.atomic import check_writable_dir
-from qlip_jax.data.scenes import prompt_set
-from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args, program
+from qlip_jax.data.sources import add_source_arguments, source_from_args
+from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
@@ -39,14 +43,16 @@ from qlip_jax.sampling.pipeline import Text2Image
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--method", default="mse", choices=METHODS)
     p.add_argument("--init", default=None, choices=[m for m in METHODS if m != "ptqd"],
                    help="base quantizer of --method qdiff (default mse) or ptqd (default qdiff)")
     p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--attn-matmul", action="store_true", help="also quantize QK^T and AV")
-    p.add_argument("--prompts", type=int, default=32, help="calibration prompts (held-out set)")
-    p.add_argument("--prompt-file", default=None, help="one prompt per line instead of the scene prompts")
+    add_source_arguments(p, reference=False)
+    p.add_argument("--calib-prompts", type=int, default=32,
+                   help="calibration prompts: the first N of the calibration split of --prompts (or of the scenes)")
     p.add_argument("--keep-steps", type=int, default=10, help="trajectory steps kept per prompt")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpmsolver++"])
     p.add_argument("--steps", type=int, default=25)
@@ -68,22 +74,21 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise BadArgument(f"{args.out} is not empty", "pass --overwrite to replace it, or choose another --out")
     check_writable_dir(args.out)
-    check_int(args.prompts, "--prompts", 1)
+    check_int(args.calib_prompts, "--calib-prompts", 1)
     check_int(args.keep_steps, "--keep-steps", 1)
-    check_sampling_args(args, args.prompts)
-    if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise MissingFile(args.prompt_file, f"prompt file not found: {args.prompt_file}", "check --prompt-file")
-        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
-            prompts = [line.strip() for line in f if line.strip()][:args.prompts]
-    else:
-        prompts = [r.text for r in prompt_set("calibration")[:args.prompts]]
-    if not prompts:
-        raise BadArgument("no calibration prompts", f"put one prompt per line in {args.prompt_file}")
+    check_sampling_args(args, args.calib_prompts)
+    if args.model and not args.prompts:
+        raise BadArgument("--model needs --prompts FILE (calibration captions for that model)",
+                          "the procedural scene prompts are the embedded model's; pass --prompts FILE")
+    source = source_from_args(args)
+    prompts = [r.text for r in source.prompts("calibration")[:args.calib_prompts]]
+    if len(prompts) < args.calib_prompts:
+        print(f"[calibrate] note: the calibration split has {len(prompts)} prompts (--calib-prompts "
+              f"{args.calib_prompts})", file=sys.stderr)
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
                          quantize_attn_matmul=args.attn_matmul)
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
           file=sys.stderr)
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
                       **({} if args.init is None else {"init": args.init}))
     meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
             "scheduler": args.scheduler, "steps": args.steps,
-            "guidance": args.guidance, "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,
+            "guidance": args.guidance, "data": source.describe(), "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,
             "seed": args.seed, "command": "python train/calibrate.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             "minutes": round((time.time() - t0) / 60, 2)}

@@ -55,6 +55,7 @@ from qlip_jax.training import Checkpointer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--quant", required=True, help="quantizer state from train/calibrate.py")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--work", required=True)
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     check_writable_dir(args.out)
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     quant, quant_info = load_quant_setup(args.quant, model_fingerprint(sd.configs.unet, sd.params["unet"]))
     cfg = quant.config
     bits = tuple(args.bits) if args.bits else tuple(sorted(cfg.act_bits))[:3]
