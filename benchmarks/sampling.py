@@ -18,6 +18,8 @@ import time
 import jax
 import numpy as np
 
+from qlip_jax import compile_cache
+
 
 def timed(fn, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
@@ -38,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, default=5.0)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
 
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data.scenes import prompt_set
 from qlip_jax.metrics.parser import SceneParser
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid-method", default=None, help="method shown in grid.png (default: the last)")
     p.add_argument("--grid-prompts", type=int, default=6)
     p.add_argument("--out", required=True)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     settings = [parse_setting(s) for s in args.settings]
     t0 = time.time()
 

@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data.scenes import prompt_set
 from qlip_jax.metrics.image import psnr, ssim
@@ -61,7 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--real", type=int, default=2000, help="real scenes for GIQA")
     p.add_argument("--out", required=True)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     os.makedirs(args.out, exist_ok=True)
 
     sd = load_stable_diffusion(args.model or default_model_dir())

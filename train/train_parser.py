@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax import compile_cache
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.metrics.parser import SceneParser, SceneParserNet, batch_labels, evaluate_parser, make_parser_step
 
@@ -36,7 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--init", default=None, help="continue from a saved parser folder")
     p.add_argument("--seed-offset", type=int, default=0,
                    help="first training batch index (continuing runs see fresh scenes)")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
 
     net = SceneParserNet(args.width)
     params = (SceneParser.load(args.init).params if args.init else
