@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.errors import check_int, check_sampling_args, program
 
 
@@ -42,10 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, default=5.0)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args, args.batch)
     check_int(args.batch, "--batch", 1)
     check_int(args.repeats, "--repeats", 1)
+    compile_cache.from_args(args)
 
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import LEVELS, SIZES, prompt_set, render, scene_of
@@ -106,12 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="where table.md, scores.json and samples.png go")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="instead of sampling: earlier --out folders, one row each (on the same prompts)")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args, args.n)
     check_int(args.n, "--n", 1)
     check_int(args.batch, "--batch", 1)
     if args.out:
         check_writable_dir(args.out)
+    compile_cache.from_args(args)
     if args.compare:
         runs = {}
         for folder in args.compare:

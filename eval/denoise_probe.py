@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data import scenes
 from qlip_jax.errors import check_sampling_args, program
@@ -77,8 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="guidance rescale in [0, 1], as eval/alignment.py's")
     p.add_argument("--seed", type=int, default=0)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args)
+    compile_cache.from_args(args)
     if args.n < 1 or args.draws < 1:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
     if not 0.0 <= args.guidance_rescale <= 1.0:

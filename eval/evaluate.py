@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlip_jax import compile_cache
 from qlip_jax.errors import program
 from qlip_jax.evaluation import add_arguments, run_evaluation
 
@@ -30,7 +31,9 @@ def main(argv=None) -> int:
                    help="base quantizer state (repeat); its widths are the uniform settings")
     p.add_argument("--selector", action="append", default=[], metavar="DIR", help="QLIP selector folder (repeat)")
     add_arguments(p, n=256, out=None)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     if not args.quant and not args.selector:
         p.error("give at least one --quant or --selector folder")
     run_evaluation(args, args.quant, args.selector, tag="evaluate")

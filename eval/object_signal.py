@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data import scenes
 from qlip_jax.errors import program
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--n", type=int, default=600, help="one-object training scenes")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)

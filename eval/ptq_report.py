@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
@@ -71,7 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid-method", default=None, help="method shown in grid.png (default: the last)")
     p.add_argument("--grid-prompts", type=int, default=6)
     p.add_argument("--out", required=True)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     settings = [parse_setting(s) for s in args.settings]
     for wbits, abits in settings:
         QuantConfig(act_bits=(abits,), weight_bits=wbits)  # widths in the supported range

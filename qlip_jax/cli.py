@@ -9,6 +9,10 @@ BitOPs, FAB), a report and figures (:mod:`qlip_jax.evaluation`).
 
 Without ``--model`` the embedded miniature Stable Diffusion shipped in the package is used, with the
 selector (``assets/selector``) trained for it and the quantizer state it was trained on (its ``quant/``).
+
+Compiled programs are kept in a persistent XLA cache (``~/.cache/qlip-jax/xla``; ``QLIP_CACHE=DIR`` moves
+it, ``--no-cache`` or ``QLIP_CACHE=off`` disables it; :mod:`qlip_jax.compile_cache`), so a second
+``qlip sample`` starts sampling without compiling again.
 """
 
 from __future__ import annotations
@@ -291,6 +295,7 @@ def cmd_demo(args) -> int:
 
 @program
 def main(argv: list[str] | None = None) -> int:
+    from qlip_jax import compile_cache
     from qlip_jax.data.sources import add_source_arguments
 
     parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0],
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration prompts for min-max quantizer ranges (quantized precisions)")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
+    compile_cache.add_argument(s)
     s.set_defaults(func=cmd_sample)
 
     from qlip_jax.evaluation import add_arguments
@@ -335,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--selector", action="append", default=None, metavar="DIR",
                    help="QLIP selector (default: qlip_jax/assets/selector); repeat")
     add_arguments(d, n=128, out="qlip-demo")
+    compile_cache.add_argument(d)
     d.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
+    compile_cache.from_args(args)
     return args.func(args)
 
 

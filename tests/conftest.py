@@ -21,11 +21,16 @@ def pytest_configure(config):
     run); each call builds its jitted functions afresh, and the cache lets the second and third calls
     reuse the first call's executables instead of compiling them again. Trace counts, which the
     compile-once tests assert on, are unaffected: tracing happens before the cache is consulted.
+
+    Programs (``qlip``, train/, eval/) turn on a per-user cache (:mod:`qlip_jax.compile_cache`); it
+    keeps a folder JAX already has, so in-process runs use this one, and ``QLIP_CACHE`` points programs
+    started in a subprocess here too: tests never write to the user's cache.
     """
     import jax
 
     cache = tempfile.mkdtemp(prefix="qlip-jax-xla-cache-")
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ["QLIP_CACHE"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     import jax.monitoring

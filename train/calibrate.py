@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import default_model_dir
 from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.sources import add_source_arguments, source_from_args
@@ -60,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--out", required=True, help="directory for the orbax quantizer state")
     p.add_argument("--overwrite", action="store_true")
+    compile_cache.add_argument(p)
     return p
 
 
 @program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    compile_cache.from_args(args)
     if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):
         raise BadArgument(f"--init {args.init} does not apply to --method {args.method}",
                           "qdiff starts from minmax/percentile/mse/tdq, ptqd from any of those or qdiff")

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
             raise MissingFile(folder, f"{flag} folder not found: {folder}", f"check {flag}")
     check_writable_dir(args.work, "--work")
     check_writable_dir(args.out)
+    compile_cache.from_args(args)
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
     sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
