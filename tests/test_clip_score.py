@@ -15,7 +15,8 @@ from qlip_jax.metrics.clip_score import ClipScorer, clip_score_from_pairs
 from qlip_jax.models.clip import CLIPModel, load_clip
 from qlip_jax.models.configs import ConfigError
 
-CAPTIONS = ["a red star", "two large blue squares on a gray background", "a photo of a cat " * 20]  # > 77 tokens: cut as torchmetrics does
+# the last caption has > 77 tokens: cut as torchmetrics does
+CAPTIONS = ["a red star", "two large blue squares on a gray background", "a photo of a cat " * 20]
 
 
 def _images(seed=0):
@@ -81,7 +82,8 @@ def test_clip_score_as_torchmetrics(tiny_clip_dir, ref):
         pix = processor(images=images, return_tensors="pt")["pixel_values"]
         txt = processor(text=CAPTIONS, return_tensors="pt", padding=True)
         img_f = model_t.get_image_features(pixel_values=pix)
-        txt_f = model_t.get_text_features(input_ids=txt["input_ids"][:, :77], attention_mask=txt["attention_mask"][:, :77])
+        txt_f = model_t.get_text_features(input_ids=txt["input_ids"][:, :77],
+                                          attention_mask=txt["attention_mask"][:, :77])
         img_f = getattr(img_f, "pooler_output", img_f)
         txt_f = getattr(txt_f, "pooler_output", txt_f)
     img_f = (img_f / img_f.norm(dim=-1, keepdim=True)).numpy()

@@ -60,6 +60,8 @@ def test_fp16_variant_every_component(fp16_dir, tiny_sd):
     for f in ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
               "text_encoder/model.fp16.safetensors"):
         assert os.path.isfile(os.path.join(fp16_dir, f)), f
+    # diffusers re-saved the tokenizer with transformers 5: tokenizer.json only
+    assert sorted(os.listdir(os.path.join(fp16_dir, "tokenizer"))) == ["tokenizer.json", "tokenizer_config.json"]
     sd = load_stable_diffusion(fp16_dir, variant="fp16")
     # the float16 files hold the float32 weights rounded to float16, exactly; loaded back as float32
     want = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), tiny_sd.params)

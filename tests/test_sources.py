@@ -25,7 +25,8 @@ def test_plain_text_split_is_seeded_disjoint_and_complete(tmp_path):
     src = FileSource(str(path), seed=3)
     parts = {s: _texts(src, s) for s in SPLITS}
     assert sorted(sum(parts.values(), [])) == sorted(CAPTIONS + ["two spaces here"])  # blanks dropped, spaces
-    assert [len(parts[s]) for s in SPLITS] == [26, 5, 10]  # 41 captions: eval round(25%), calibration round(12.5%), rest
+    # 41 captions: eval round(25%), calibration round(12.5%), train the rest
+    assert [len(parts[s]) for s in SPLITS] == [26, 5, 10]
     again = FileSource(str(path), seed=3)
     assert all(_texts(again, s) == parts[s] for s in SPLITS)
     other = FileSource(str(path), seed=4)
@@ -128,6 +129,8 @@ def test_reference_folder_any_format_and_size(tmp_path):
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8  # a.png, c.webp, sub/b.JPG; d.png skipped
     np.testing.assert_allclose(images.reshape(3, -1).mean(1), [10, 128, 200], atol=1.5)
     assert src.reference_images(16, limit=2).shape == (2, 16, 16, 3)
+    batches = list(src.reference_batches(32, batch=2))
+    assert [b.shape[0] for b in batches] == [2, 1] and np.array_equal(np.concatenate(batches), images)
     assert src.reference_stats() is None and src.describe()["reference"]["files"] == 4
 
 

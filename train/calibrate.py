@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                       **({} if args.init is None else {"init": args.init}))
     meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
             "scheduler": args.scheduler, "steps": args.steps,
-            "guidance": args.guidance, "data": source.describe(), "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,
+            "guidance": args.guidance, "data": source.describe(), "calibration_prompts": len(prompts),
+            "keep_steps": args.keep_steps,
             "seed": args.seed, "command": "python train/calibrate.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             "minutes": round((time.time() - t0) / 60, 2)}

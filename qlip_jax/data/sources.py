@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -70,8 +70,12 @@ class DataSource(Protocol):
     def prompts(self, split: str) -> list:
         """The prompts of ``split`` (one of :data:`SPLITS`), in a fixed order."""
 
+    def reference_batches(self, size: int, batch: int = 64, limit: int | None = None) -> Iterator[np.ndarray] | None:
+        """Batches ``uint8 [b, size, size, 3]`` of the reference images (at most ``limit`` in all), or None
+        if it has none."""
+
     def reference_images(self, size: int, limit: int | None = None) -> np.ndarray | None:
-        """``uint8 [N, size, size, 3]`` reference images (at most ``limit``), or None if it has none."""
+        """``uint8 [N, size, size, 3]``: all of :meth:`reference_batches` at once, or None."""
 
     def reference_stats(self) -> InceptionStats | None:
         """Precomputed Inception statistics of the reference, or None."""
@@ -200,25 +204,38 @@ def _check_readable(folder: str) -> None:
     raise _no_image(folder, bad)
 
 
-def load_reference_images(folder: str, size: int, limit: int | None = None) -> np.ndarray:
-    """``uint8 [N, size, size, 3]``: the readable images of ``folder`` (sorted paths, at most ``limit``)
-    through :func:`~qlip_jax.data.images.fid_resize`; unreadable files are skipped.
+def iter_reference_images(folder: str, size: int, batch: int = 64,
+                          limit: int | None = None) -> Iterator[np.ndarray]:
+    """Batches ``uint8 [b, size, size, 3]`` (``b <= batch``) of the readable images of ``folder`` (sorted
+    paths, at most ``limit`` in all) through :func:`~qlip_jax.data.images.fid_resize`; unreadable files are
+    skipped. Only one batch is in memory at a time (5,000 COCO images at 512 px are 3.9 GB).
 
     Raises FileNotFoundError (no folder), DataError (no readable image)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"reference folder not found: {folder}")
-    out, bad = [], []
+    out, bad, n = [], [], 0
     for path in list_images(folder):
-        if limit is not None and len(out) >= limit:
+        if limit is not None and n >= limit:
             break
         try:
             with Image.open(path) as im:
                 out.append(fid_resize(im, size))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             bad.append(os.path.basename(path))
-    if not out:
+            continue
+        n += 1
+        if len(out) == batch:
+            yield np.stack(out)
+            out = []
+    if out:
+        yield np.stack(out)
+    if n == 0:
         raise _no_image(folder, bad)
-    return np.stack(out)
+
+
+def load_reference_images(folder: str, size: int, limit: int | None = None) -> np.ndarray:
+    """``uint8 [N, size, size, 3]``: all of :func:`iter_reference_images` at once."""
+    return np.concatenate(list(iter_reference_images(folder, size, limit=limit)))
 
 
 def load_inception_stats(path: str) -> InceptionStats:
@@ -276,10 +293,13 @@ class FileSource:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return [self._all[i] for i in self._splits[split]]
 
-    def reference_images(self, size: int, limit: int | None = None) -> np.ndarray | None:
+    def reference_batches(self, size: int, batch: int = 64, limit: int | None = None) -> Iterator[np.ndarray] | None:
         if self.reference is None or self._stats is not None:
             return None
-        return load_reference_images(self.reference, size, limit)
+        return iter_reference_images(self.reference, size, batch, limit)
+
+    def reference_images(self, size: int, limit: int | None = None) -> np.ndarray | None:
+        return _all(self.reference_batches(size, limit=limit))
 
     def reference_stats(self) -> InceptionStats | None:
         return self._stats
@@ -322,12 +342,16 @@ class SceneSource:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return prompt_set(split)
 
-    def reference_images(self, size: int, limit: int | None = None) -> np.ndarray:
+    def reference_batches(self, size: int, batch: int = 64, limit: int | None = None) -> Iterator[np.ndarray]:
         """The evaluation prompts' own scenes, rendered at ``size``."""
         from qlip_jax.data.scenes import render, scene_of
 
         records = self.prompts("eval")[:limit]
-        return np.stack([render(scene_of(r), size) for r in records])
+        for s in range(0, len(records), batch):
+            yield np.stack([render(scene_of(r), size) for r in records[s:s + batch]])
+
+    def reference_images(self, size: int, limit: int | None = None) -> np.ndarray:
+        return _all(self.reference_batches(size, limit=limit))
 
     def reference_stats(self) -> None:
         return None
@@ -352,6 +376,10 @@ class SceneSource:
         from qlip_jax.data.scenes import DATA_VERSION
 
         return {"kind": "scenes", "version": DATA_VERSION}
+
+
+def _all(batches: Iterator[np.ndarray] | None) -> np.ndarray | None:
+    return None if batches is None else np.concatenate(list(batches))
 
 
 def _default_parser_dir() -> str:
