@@ -148,8 +148,9 @@ def _quantizer(sd, args, kind: str, value):
                   "not serve this precision", file=sys.stderr)
     config = QuantConfig(act_bits=fallback, weight_bits=wbits)
     if args.model and not args.prompts:
-        raise SystemExit(f"error: no quantizer for {args.precision} on this model: pass --quant DIR "
-                         "(train/calibrate.py), or --prompts FILE to min-max calibrate on its calibration split")
+        raise BadArgument(f"no quantizer for --precision {args.precision} on this --model",
+                          "pass --quant DIR (train/calibrate.py), or --prompts FILE to min-max calibrate on its "
+                          "calibration split")
     source = source_from_args(args)
     calib = [r.text for r in source.prompts("calibration")[:args.calib_prompts]]
     what = "the scene prompts" if args.prompts is None else args.prompts
@@ -160,8 +161,9 @@ def _quantizer(sd, args, kind: str, value):
 
 
 def check_sample_args(args):
-    """Every check of ``qlip sample``'s arguments that needs no model: ``(kind, value)`` of
-    ``--precision``. Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
+    """Every check of ``qlip sample``'s arguments that needs no model: ``(kind, value, prompts)`` with
+    ``--precision`` parsed and the prompt texts (``--prompt`` or ``--prompts FILE``).
+    Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
     from qlip_jax.atomic import check_image_path
     from qlip_jax.errors import check_int, check_sampling_args
     from qlip_jax.quant.persist import read_quant_info
@@ -169,9 +171,10 @@ def check_sample_args(args):
     from qlip_jax.selector.schedule_io import read_schedule_npy
     from qlip_jax.selector.selector import Selector
 
-    if not all(p.strip() for p in args.prompt):
+    prompts = _sample_prompts(args)
+    if not all(p.strip() for p in prompts):
         raise BadArgument("--prompt is empty", "give each --prompt some text")
-    check_sampling_args(args, len(args.prompt))
+    check_sampling_args(args, len(prompts))
     check_int(args.calib_prompts, "--calib-prompts", 1)
     check_image_path(args.out)
     kind, value = _parse_precision(args.precision)
@@ -183,7 +186,7 @@ def check_sample_args(args):
     except BadArgument as e:
         raise BadArgument(f"--precision {args.precision}: {e.problem}", e.hint) from None
     if kind == "file":
-        read_schedule_npy(value, len(args.prompt), len(args.act_bits))
+        read_schedule_npy(value, len(prompts), len(args.act_bits))
     elif kind == "json":
         _json_widths(value)
     elif kind == "qlip":
@@ -193,35 +196,35 @@ def check_sample_args(args):
                           "pass a diffusers-format Stable Diffusion folder, or leave --model out")
     if args.quant is not None and kind not in ("fp", "qlip"):
         read_quant_info(_require_quant(args.quant))
-    return kind, value
+    return kind, value, prompts
 
 
 def _sample_prompts(args) -> list[str]:
     """``--prompt`` texts, else the first ``--n`` evaluation-split prompts of ``--prompts FILE``."""
     from qlip_jax.data.sources import source_from_args
+    from qlip_jax.errors import check_int
 
     if args.prompt:
         return list(args.prompt)
     if not args.prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
-    if args.n < 1:
-        raise SystemExit(f"error: --n must be at least 1, got {args.n}")
+        raise BadArgument("no prompt given", "give --prompt TEXT (repeatable) or --prompts FILE")
+    check_int(args.n, "--n", 1)
     return [p.text for p in source_from_args(args).prompts("eval")[:args.n]]
 
 
 def cmd_sample(args) -> int:
     from qlip_jax.atomic import claim_output, release_claim
 
-    kind, value = check_sample_args(args)
+    kind, value, prompts = check_sample_args(args)
     claimed = claim_output(args.out, args.overwrite)
     try:
-        return _sample(args, kind, value)
+        return _sample(args, kind, value, prompts)
     finally:
         if claimed:
             release_claim(args.out)  # removes the placeholder only if nothing was written
 
 
-def _sample(args, kind, value) -> int:
+def _sample(args, kind, value, prompts: list[str]) -> int:
     import numpy as np
 
     from qlip_jax.assets import default_model_dir
@@ -247,6 +250,9 @@ def _sample(args, kind, value) -> int:
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
     pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
+    note = selector.steps_note(pipe.num_steps) if selector is not None else None
+    if note:
+        print(f"[qlip] {note}", file=sys.stderr)
     print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(prompts)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
     schedule, quality = None, None

@@ -6,7 +6,7 @@ import os
 
 import jax
 import numpy as np
-import pytest
+from refusal import refused
 
 from qlip_jax.data.sources import FileSource
 from qlip_jax.quant.calibration import calibrate, collect_calibration_data
@@ -24,7 +24,7 @@ def _calibrate_main():
     return module.main
 
 
-def test_calibrate_on_the_prompt_files_calibration_split(tiny_sd, tiny_sd_dir, tmp_path):
+def test_calibrate_on_the_prompt_files_calibration_split(tiny_sd, tiny_sd_dir, tmp_path, capsys):
     main = _calibrate_main()
     prompts = tmp_path / "captions.jsonl"
     prompts.write_text("\n".join(f'{{"caption": "a {c} shape number {i}"}}' for i, c in
@@ -44,6 +44,5 @@ def test_calibrate_on_the_prompt_files_calibration_split(tiny_sd, tiny_sd_dir, t
     got_leaves, want_leaves = jax.tree.leaves(setup.state), jax.tree.leaves(want.state)
     assert len(got_leaves) == len(want_leaves) > 0
     assert all(np.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(got_leaves, want_leaves))
-    with pytest.raises(SystemExit, match="--model needs --prompts FILE"):
-        main(common + ["--out", str(tmp_path / "r")])
+    refused(main, common + ["--out", tmp_path / "r"], capsys, "--model needs --prompts FILE")
     assert not (tmp_path / "r").exists()

@@ -44,10 +44,12 @@ def test_sample_prompt_file_and_no_silent_scene_calibration(tiny_sd_dir, tmp_pat
     want = [p.text for p in FileSource(path).prompts("eval")[:2]]
     assert out.out.splitlines()[:2] == [f"average activation bits 8.00: {p}" for p in want]
     assert f"min-max calibration of W8A[8] on 2 prompts of {path}" in out.err  # 16 captions: 2 calibration
-    with pytest.raises(SystemExit, match=r"no quantizer for w8a8 on this model: pass --quant DIR .* or --prompts FILE"):
-        main(base + ["--prompt", "a red star", "--out", str(tmp_path / "b.png")])
-    with pytest.raises(SystemExit, match="give --prompt TEXT .* or --prompts FILE"):
-        main(["sample", "--model", tiny_sd_dir, "--out", str(tmp_path / "c.png")])
+    refused(main, base + ["--prompt", "a red star", "--out", tmp_path / "b.png"], capsys,
+            r"no quantizer for --precision w8a8 on this --model; pass --quant DIR .* or --prompts FILE")
+    refused(main, ["sample", "--model", tiny_sd_dir, "--out", tmp_path / "c.png"], capsys,
+            "no prompt given; give --prompt TEXT .* or --prompts FILE")
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompts", path, "--n", "0", "--out", tmp_path / "c.png"],
+            capsys, "--n must be >= 1, got 0")
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from qlip_jax.data.images import fid_resize
+from qlip_jax.errors import BadArgument, MissingFile, QlipInputError
 
 #: split names, in the order the prompts are dealt
 SPLITS = ("train", "calibration", "eval")
@@ -44,8 +45,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 Scorer = Callable[[np.ndarray, Sequence], np.ndarray]
 
 
-class DataError(ValueError):
-    """A prompt or reference file that cannot be used as it is."""
+class DataError(QlipInputError, ValueError):
+    """A prompt or reference file that cannot be used as it is (a user-input error: one ``error:`` line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ def read_captions(path: str, column: str | None = None) -> list[tuple[str, str]]
     Raises FileNotFoundError, DataError (empty file, missing caption column, unknown JSON layout).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise MissingFile(path, f"prompt file not found: {path}", "check --prompts")
     ext = os.path.splitext(path)[1].lower()
     out: list[tuple[str, str]] = []
     with open(path, encoding="utf-8-sig", newline="" if ext == ".csv" else None) as f:
@@ -162,8 +163,8 @@ def split_groups(groups: Sequence[str], seed: int, calibration: float, evaluatio
         raise DataError(f"{len(names)} caption group(s): at least 3 are needed for train / calibration / "
                         "evaluation splits")
     if not (0 < calibration < 1 and 0 < evaluation < 1 and calibration + evaluation < 1):
-        raise ValueError(f"calibration ({calibration}) and evaluation ({evaluation}) fractions must be in "
-                         "(0, 1) with a sum below 1")
+        raise BadArgument(f"calibration ({calibration}) and evaluation ({evaluation}) fractions must be in "
+                          "(0, 1) with a sum below 1")
     order = np.random.default_rng(seed).permutation(len(names))
     n = len(names)
     n_eval = int(np.clip(round(evaluation * n), 1, n - 2))
@@ -212,7 +213,7 @@ def iter_reference_images(folder: str, size: int, batch: int = 64,
 
     Raises FileNotFoundError (no folder), DataError (no readable image)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"reference folder not found: {folder}")
+        raise MissingFile(folder, f"reference folder not found: {folder}", "check --reference")
     out, bad, n = [], [], 0
     for path in list_images(folder):
         if limit is not None and n >= limit:
@@ -241,7 +242,7 @@ def load_reference_images(folder: str, size: int, limit: int | None = None) -> n
 def load_inception_stats(path: str) -> InceptionStats:
     """``mu``/``sigma`` of a pytorch-fid / clean-fid ``.npz``. Raises DataError naming the keys found."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference statistics not found: {path}")
+        raise MissingFile(path, f"reference statistics not found: {path}", "check --reference")
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -283,7 +284,7 @@ class FileSource:
             elif reference.lower().endswith(".npz"):
                 self._stats = load_inception_stats(reference)
             elif not os.path.exists(reference):
-                raise FileNotFoundError(f"reference not found: {reference}")
+                raise MissingFile(reference, f"reference not found: {reference}", "check --reference")
             else:
                 raise DataError(f"--reference must be a folder of images or an .npz of Inception statistics "
                                 f"(mu, sigma); got the file {reference}")
@@ -394,7 +395,8 @@ def open_source(prompts: str | None = None, reference: str | None = None, seed: 
     file (a reference without prompts is refused: it would be compared against scene prompts)."""
     if prompts is None:
         if reference is not None:
-            raise ValueError("--reference needs --prompts (the captions the reference images go with)")
+            raise BadArgument("--reference needs --prompts (the captions the reference images go with)",
+                              "pass --prompts FILE with the captions, or leave --reference out")
         return SceneSource()
     return FileSource(prompts, reference, seed, caption_column=caption_column)
 

@@ -74,8 +74,11 @@ def load_tokenizer(folder: str):
     if not has("tokenizer.json"):
         for name in ("vocab.json", "merges.txt"):
             if not has(name):
-                raise FileNotFoundError(
+                from qlip_jax.errors import MissingFile
+
+                raise MissingFile(
+                    os.path.join(folder, name),
                     f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt "
-                    f"(lacks {name}); build one with "
-                    "qlip_jax.data.tokenizer.convert_clip_bpe(find_clip_bpe(), folder)")
+                    f"(lacks {name})",
+                    "build one with qlip_jax.data.tokenizer.convert_clip_bpe(find_clip_bpe(), folder)")
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)

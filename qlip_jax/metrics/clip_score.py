@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from qlip_jax.data.images import center_crop
+from qlip_jax.errors import BadFile
 from qlip_jax.models.clip import CLIPModel, load_clip
 from qlip_jax.models.configs import CLIPConfig
 
@@ -57,7 +58,8 @@ class ClipPreprocess:
         crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))
         for key in ("do_convert_rgb", "do_rescale", "do_normalize"):
             if d.get(key, True) is False:
-                raise ValueError(f"{path}: {key}=false is not supported by the CLIP score")
+                raise BadFile(path, f"{key}=false is not supported by the CLIP score",
+                              "use a CLIP folder whose preprocessor converts, rescales and normalizes")
         return cls(edge, crop, tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD)),
                    int(d.get("resample", 3)), bool(d.get("do_resize", True)),
                    bool(d.get("do_center_crop", True)), float(d.get("rescale_factor", 1 / 255)))
