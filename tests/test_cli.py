@@ -66,7 +66,7 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_sd_dir, tmp_path, 
                    "--prompts", _prompt_file(tmp_path), "--calib-prompts", "1", "--out", tmp_path / "b.png"], capsys, r"sched.npy: the schedule has 5 layer")
     refused(main, ["sample", "--model", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "c.png"], capsys,
             "model folder not found")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "sched.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "keep.png", "sched.npy"]
 
 
 # ----------------------------------------------------------------------------------------------
