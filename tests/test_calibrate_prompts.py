@@ -46,3 +46,14 @@ def test_calibrate_on_the_prompt_files_calibration_split(tiny_sd, tiny_sd_dir, t
     assert all(np.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(got_leaves, want_leaves))
     refused(main, common + ["--out", tmp_path / "r"], capsys, "--model needs --prompts FILE")
     assert not (tmp_path / "r").exists()
+
+    # PTQD from that folder: its state unchanged (no base calibration), a correction fitted on top
+    ptqd_common = [a if a != "minmax" else "ptqd" for a in common] + ["--prompts", str(prompts), "--calib-prompts",
+                                                                       "2"]
+    assert main(ptqd_common + ["--init-from", str(out), "--out", str(tmp_path / "p")]) == 0
+    ptqd, pinfo = load_quant_setup(str(tmp_path / "p"), model_fingerprint(tiny_sd.configs.unet,
+                                                                         tiny_sd.params["unet"]))
+    assert pinfo["init_from"] == str(out) and pinfo["init"] == "minmax" and ptqd.ptqd is not None
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ptqd.state), got_leaves))
+    refused(main, [a if a != "8" else "6" for a in ptqd_common] + ["--init-from", out, "--out", tmp_path / "r"],
+            capsys, r"--init-from .* is W8A\[8\] without --attn-matmul, not W6A\[6\]")

@@ -14,14 +14,22 @@ fits weight scales (``--weight-bits``, per output channel) and activation ranges
 ``--act-bits``. The quantizer state is saved with orbax and tagged with the model's fingerprint
 (:mod:`qlip_jax.quant.persist`), so it is refused on any other model.
 
+``--method qdiff`` runs Q-Diffusion's block reconstruction for ``--recon-iters`` steps of ``--recon-batch``
+calibration samples (each at every candidate width).
+
 ``--method ptqd`` adds PTQD's output correction on top of a base quantizer (``--init``, default
 ``qdiff``); it is fitted per step of the ``--scheduler``/``--steps`` sampler and only serves a sampler
-with that timestep grid (DDIM with ``eta > 0`` also absorbs the residual variance).
+with that timestep grid (DDIM with ``eta > 0`` also absorbs the residual variance). ``--init-from DIR``
+starts it from a quantizer already calibrated for this model (e.g. a ``qdiff`` folder) instead of
+calibrating the base again (its widths must equal ``--act-bits``/``--weight-bits``)::
+
+    python train/calibrate.py --method ptqd --init-from runs/quant/qdiff --out runs/quant/ptqd
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,10 +41,10 @@ from qlip_jax import compile_cache
 from qlip_jax.assets import default_model_dir
 from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.sources import add_source_arguments, source_from_args
-from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
+from qlip_jax.errors import BadArgument, MismatchError, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
-from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
+from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, read_quant_info, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 
@@ -48,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mse", choices=METHODS)
     p.add_argument("--init", default=None, choices=[m for m in METHODS if m != "ptqd"],
                    help="base quantizer of --method qdiff (default mse) or ptqd (default qdiff)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="--method ptqd: start from this calibrated quantizer folder (no base calibration)")
+    p.add_argument("--recon-iters", type=int, default=None,
+                   help="qdiff (also as ptqd's base): reconstruction steps (default 500)")
+    p.add_argument("--recon-batch", type=int, default=None,
+                   help="qdiff: calibration samples per reconstruction step (default 8)")
     p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--attn-matmul", action="store_true", help="also quantize QK^T and AV")
@@ -77,6 +91,19 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise BadArgument(f"{args.out} is not empty", "pass --overwrite to replace it, or choose another --out")
     check_writable_dir(args.out)
+    if args.init_from is not None:
+        if args.method != "ptqd" or args.init is not None:
+            raise BadArgument("--init-from applies to --method ptqd alone (without --init)",
+                              "pass --method ptqd --init-from DIR")
+        read_quant_info(args.init_from)  # there and readable, before the model loads
+    recon = {k: v for k, v in (("iters", args.recon_iters), ("batch", args.recon_batch)) if v is not None}
+    for key, value in recon.items():
+        check_int(value, f"--recon-{key}", 1)
+    runs_qdiff = args.method == "qdiff" or (args.method == "ptqd" and args.init_from is None
+                                            and args.init in (None, "qdiff"))
+    if recon and not runs_qdiff:
+        raise BadArgument("--recon-iters/--recon-batch apply to --method qdiff (and ptqd over a qdiff base)",
+                          "leave them out for this method")
     check_int(args.calib_prompts, "--calib-prompts", 1)
     check_int(args.keep_steps, "--keep-steps", 1)
     check_sampling_args(args, args.calib_prompts)
@@ -93,15 +120,28 @@ def main(argv=None) -> int:
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     pipe = Text2Image(sd, args.scheduler, args.steps)
+    opts = dict(recon)
+    if args.init is not None:
+        opts["init"] = args.init
+    if args.init_from is not None:
+        base, base_info = load_quant_setup(args.init_from, model_fingerprint(sd.configs.unet, sd.params["unet"]))
+        opts["init"] = dataclasses.replace(base, info={"method": base_info.get("method"), "folder": args.init_from})
+        if opts["init"].config != config:
+            got = opts["init"].config
+            raise MismatchError(f"--init-from {args.init_from} is W{got.weight_bits}A{list(got.act_bits)}"
+                                f"{' with' if got.quantize_attn_matmul else ' without'} --attn-matmul, not "
+                                f"W{config.weight_bits}A{list(config.act_bits)}"
+                                f"{' with' if config.quantize_attn_matmul else ' without'}",
+                                "pass the --act-bits, --weight-bits and --attn-matmul it was calibrated with")
     print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
           file=sys.stderr)
     data = collect_calibration_data(pipe, prompts, args.seed + np.arange(len(prompts)), args.guidance,
                                     args.keep_steps)
     print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
           f"A{config.act_bits} ...", file=sys.stderr)
-    setup = calibrate(pipe, config, data, args.method, progress=True,
-                      **({} if args.init is None else {"init": args.init}))
-    meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
+    setup = calibrate(pipe, config, data, args.method, progress=True, **opts)
+    meta = {"method": args.method, "init": setup.info.get("init"), "init_from": args.init_from,
+            "recon": recon or None, "model": sd.folder,
             "scheduler": args.scheduler, "steps": args.steps,
             "guidance": args.guidance, "data": source.describe(), "calibration_prompts": len(prompts),
             "keep_steps": args.keep_steps,
