@@ -2,7 +2,7 @@
 
     python train/train_selector.py --quant runs/quant/mse --work runs/selector --out runs/selector/export
 
-    python train/train_selector.py --model SD_DIR --prompts captions.txt --reference images/ \
+    python train/train_selector.py --model SD_DIR --prompts captions.txt --reference images/ \\
         --quant runs/quant/qdiff --work runs/selector --out runs/selector/export
 
 1. Labels: float sampling of ``--train-prompts`` training prompts (seed ``i``) of the data source
