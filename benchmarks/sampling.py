@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.errors import check_int, check_sampling_args, program
 
 
@@ -37,14 +38,17 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, default=5.0)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args, args.batch)
     check_int(args.batch, "--batch", 1)
     check_int(args.repeats, "--repeats", 1)
+    compile_cache.from_args(args)
 
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     from qlip_jax.sampling.pipeline import Text2Image
 
     folder = args.model or _tiny_model_dir()
-    sd = load_stable_diffusion(folder)
+    sd = load_stable_diffusion(folder, args.variant)
     prompts = [r.text for r in prompt_set("eval")[:args.batch]]
     seeds = np.arange(args.batch)
     fp = Text2Image(sd, "ddim", args.steps)
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
                      args.repeats))]
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+    ref = StableDiffusionPipeline.from_pretrained(folder, variant=args.variant, safety_checker=None,
+                                                  feature_extractor=None,
                                                   requires_safety_checker=False)
     ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from sampling import timed
 
+from qlip_jax import compile_cache
 from qlip_jax.errors import program
 
 
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-crop", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
 
     from qlip_jax.models.clip import CLIPTextModel
     from qlip_jax.models.presets import preset

@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import LEVELS, SIZES, prompt_set, render, scene_of
@@ -85,6 +86,7 @@ def compare_table(runs: dict[str, list[dict]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--split", default="eval", choices=["eval", "train"],
@@ -105,12 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="where table.md, scores.json and samples.png go")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="instead of sampling: earlier --out folders, one row each (on the same prompts)")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args, args.n)
     check_int(args.n, "--n", 1)
     check_int(args.batch, "--batch", 1)
     if args.out:
         check_writable_dir(args.out)
+    compile_cache.from_args(args)
     if args.compare:
         runs = {}
         for folder in args.compare:
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps, eta=args.eta, guidance_rescale=args.guidance_rescale)
     records = prompt_set(args.split)[:args.n]

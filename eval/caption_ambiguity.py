@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.data import scenes
 from qlip_jax.errors import check_seed, program
 from qlip_jax.metrics.parser import ParsedScene, alignment_score
@@ -65,8 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--v1-texts", action="store_true", help="word level 2 as scenes-v1 did (no 'a single')")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_seed(args.seed)
+    compile_cache.from_args(args)
     if args.draws < 1:
         p.error(f"--draws must be positive, got {args.draws}")
     one, n, scores = one_object_texts(args.draws, args.seed, args.v1_texts)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.data import scenes
 from qlip_jax.errors import check_sampling_args, program
@@ -68,6 +69,7 @@ def placement_share(images: np.ndarray, backgrounds: np.ndarray, masks: np.ndarr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=f"{ASSETS}/scene-parser")
     p.add_argument("--n", type=int, default=60, help="prompts per probe (the first held-out ones)")
     p.add_argument("--timesteps", type=int, nargs="+", default=[0, 300, 500, 700, 900])
@@ -76,13 +78,15 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="guidance rescale in [0, 1], as eval/alignment.py's")
     p.add_argument("--seed", type=int, default=0)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args)
+    compile_cache.from_args(args)
     if args.n < 1 or args.draws < 1:
         p.error(f"--n and --draws must be >= 1, got {args.n} and {args.draws}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     steps = sd.configs.scheduler.num_train_timesteps
     bad = [t for t in args.timesteps if not 0 <= t < steps]
     if bad:

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data import scenes
 from qlip_jax.errors import program
@@ -37,11 +38,14 @@ def latent_change(sd, with_object: np.ndarray, without: np.ndarray, batch: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--n", type=int, default=600, help="one-object training scenes")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     seeds = scenes.split_seeds("train")[:args.n]
     one = [scenes.sample_scene(s, n_objects=1) for s in seeds]
     empty = [dataclasses.replace(sc, objects=(), jitter=()) for sc in one]

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
@@ -56,6 +57,7 @@ def parse_setting(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--methods", nargs="+", default=["minmax", "mse"], choices=METHODS)
     p.add_argument("--settings", nargs="+", default=["W4A6", "W4A8", "W4A10", "W4A16", "W8A8"])
@@ -70,7 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid-method", default=None, help="method shown in grid.png (default: the last)")
     p.add_argument("--grid-prompts", type=int, default=6)
     p.add_argument("--out", required=True)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    compile_cache.from_args(args)
     settings = [parse_setting(s) for s in args.settings]
     for wbits, abits in settings:
         QuantConfig(act_bits=(abits,), weight_bits=wbits)  # widths in the supported range
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     check_writable_dir(args.out)
     t0 = time.time()
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     pipe = Text2Image(sd, args.scheduler, args.steps)
     records = prompt_set("eval")[:args.n]

@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import prompt_set
@@ -51,6 +52,7 @@ def stated_attributes(caption) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--method", default="mse", choices=METHODS)
     p.add_argument("--act-bits", type=int, nargs="+", default=[6, 8, 10])
@@ -64,15 +66,17 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--real", type=int, default=2000, help="real scenes for GIQA")
     p.add_argument("--out", required=True)
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_sampling_args(args, args.n)
     for name in ("n", "cell_prompts", "step_groups", "calib_prompts", "real"):
         check_int(getattr(args, name), "--" + name.replace("_", "-"), 1)
     QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)  # widths in the supported range
     check_writable_dir(args.out)
+    compile_cache.from_args(args)
     os.makedirs(args.out, exist_ok=True)
 
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     parser = SceneParser.load(args.parser)
     fp = Text2Image(sd, args.scheduler, args.steps)
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits)

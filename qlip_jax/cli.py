@@ -1,6 +1,6 @@
 """The ``qlip`` command.
 
-``qlip sample --prompt TEXT [--prompt ...] [--model DIR] [--steps N] [--guidance G] [--seed S]
+``qlip sample --prompt TEXT [--prompt ...] | --prompts FILE [--n N]  [--model DIR] [--steps N] [--guidance G] [--seed S]
 [--precision fp|qlip|wXaY|SCHEDULE.npy|SCHEDULE.json] [--selector DIR] [--quant DIR] [--out grid.png]``
 
 ``qlip demo [--n 128] [--out qlip-demo] [--overwrite] [--model DIR --quant DIR --selector DIR]``: the main
@@ -9,6 +9,10 @@ BitOPs, FAB), a report and figures (:mod:`qlip_jax.evaluation`).
 
 Without ``--model`` the embedded miniature Stable Diffusion shipped in the package is used, with the
 selector (``assets/selector``) trained for it and the quantizer state it was trained on (its ``quant/``).
+
+Compiled programs are kept in a persistent XLA cache (``~/.cache/qlip-jax/xla``; ``QLIP_CACHE=DIR`` moves
+it, ``--no-cache`` or ``QLIP_CACHE=off`` disables it; :mod:`qlip_jax.compile_cache`), so a second
+``qlip sample`` starts sampling without compiling again.
 """
 
 from __future__ import annotations
@@ -98,8 +102,10 @@ def _json_widths(path: str) -> tuple[set[int], tuple[int, ...]]:
 
 def _quantizer(sd, args, kind: str, value):
     """The quantizer for a quantized precision: ``--quant DIR``; else the shipped state if it was
-    calibrated for this model and has the widths needed; else min-max calibration (with a note)."""
-    from qlip_jax.data.scenes import prompt_set
+    calibrated for this model and has the widths needed; else min-max calibration (with a note) on the
+    calibration split of ``--prompts FILE`` (the scene prompts for the embedded model; another ``--model``
+    without ``--prompts`` is refused)."""
+    from qlip_jax.data.sources import source_from_args
     from qlip_jax.quant.calibration import calibrate_minmax
     from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
@@ -141,16 +147,23 @@ def _quantizer(sd, args, kind: str, value):
             print(f"[qlip] note: the shipped quantizer state is W{cfg.weight_bits}A{list(cfg.act_bits)}, which does "
                   "not serve this precision", file=sys.stderr)
     config = QuantConfig(act_bits=fallback, weight_bits=wbits)
-    calib = [r.text for r in prompt_set("calibration")[:args.calib_prompts]]
-    print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts ...",
+    if args.model and not args.prompts:
+        raise BadArgument(f"no quantizer for --precision {args.precision} on this --model",
+                          "pass --quant DIR (train/calibrate.py), or --prompts FILE to min-max calibrate on its "
+                          "calibration split")
+    source = source_from_args(args)
+    calib = [r.text for r in source.prompts("calibration")[:args.calib_prompts]]
+    what = "the scene prompts" if args.prompts is None else args.prompts
+    print(f"[qlip] min-max calibration of W{wbits}A{list(config.act_bits)} on {len(calib)} prompts of {what} ...",
           file=sys.stderr)
     return calibrate_minmax(Text2Image(sd, args.scheduler, args.steps), config, calib, range(len(calib)),
                             args.guidance, num_steps_kept=8)
 
 
 def check_sample_args(args):
-    """Every check of ``qlip sample``'s arguments that needs no model: ``(kind, value)`` of
-    ``--precision``. Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
+    """Every check of ``qlip sample``'s arguments that needs no model: ``(kind, value, prompts)`` with
+    ``--precision`` parsed and the prompt texts (``--prompt`` or ``--prompts FILE``).
+    Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
     from qlip_jax.atomic import check_image_path
     from qlip_jax.errors import check_int, check_sampling_args
     from qlip_jax.quant.persist import read_quant_info
@@ -158,9 +171,10 @@ def check_sample_args(args):
     from qlip_jax.selector.schedule_io import read_schedule_npy
     from qlip_jax.selector.selector import Selector
 
-    if not all(p.strip() for p in args.prompt):
+    prompts = _sample_prompts(args)
+    if not all(p.strip() for p in prompts):
         raise BadArgument("--prompt is empty", "give each --prompt some text")
-    check_sampling_args(args, len(args.prompt))
+    check_sampling_args(args, len(prompts))
     check_int(args.calib_prompts, "--calib-prompts", 1)
     check_image_path(args.out)
     kind, value = _parse_precision(args.precision)
@@ -172,7 +186,7 @@ def check_sample_args(args):
     except BadArgument as e:
         raise BadArgument(f"--precision {args.precision}: {e.problem}", e.hint) from None
     if kind == "file":
-        read_schedule_npy(value, len(args.prompt), len(args.act_bits))
+        read_schedule_npy(value, len(prompts), len(args.act_bits))
     elif kind == "json":
         _json_widths(value)
     elif kind == "qlip":
@@ -182,22 +196,35 @@ def check_sample_args(args):
                           "pass a diffusers-format Stable Diffusion folder, or leave --model out")
     if args.quant is not None and kind not in ("fp", "qlip"):
         read_quant_info(_require_quant(args.quant))
-    return kind, value
+    return kind, value, prompts
+
+
+def _sample_prompts(args) -> list[str]:
+    """``--prompt`` texts, else the first ``--n`` evaluation-split prompts of ``--prompts FILE``."""
+    from qlip_jax.data.sources import source_from_args
+    from qlip_jax.errors import check_int
+
+    if args.prompt:
+        return list(args.prompt)
+    if not args.prompts:
+        raise BadArgument("no prompt given", "give --prompt TEXT (repeatable) or --prompts FILE")
+    check_int(args.n, "--n", 1)
+    return [p.text for p in source_from_args(args).prompts("eval")[:args.n]]
 
 
 def cmd_sample(args) -> int:
     from qlip_jax.atomic import claim_output, release_claim
 
-    kind, value = check_sample_args(args)
+    kind, value, prompts = check_sample_args(args)
     claimed = claim_output(args.out, args.overwrite)
     try:
-        return _sample(args, kind, value)
+        return _sample(args, kind, value, prompts)
     finally:
         if claimed:
             release_claim(args.out)  # removes the placeholder only if nothing was written
 
 
-def _sample(args, kind, value) -> int:
+def _sample(args, kind, value, prompts: list[str]) -> int:
     import numpy as np
 
     from qlip_jax.assets import default_model_dir
@@ -211,7 +238,7 @@ def _sample(args, kind, value) -> int:
 
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     selector, quant = None, None  # the selector / quantizer are read (and refused) before anything compiles
     if kind == "qlip":
         try:
@@ -223,32 +250,35 @@ def _sample(args, kind, value) -> int:
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
     pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
-    print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(args.prompt)} prompt(s), "
+    note = selector.steps_note(pipe.num_steps) if selector is not None else None
+    if note:
+        print(f"[qlip] {note}", file=sys.stderr)
+    print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(prompts)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
     schedule, quality = None, None
     if kind == "file":  # checked against the model before anything compiles
         schedule = load_schedule_npy(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps,
-                                     batch=len(args.prompt))
+                                     batch=len(prompts))
     elif kind == "json":
         schedule, _ = load_schedule_json(value, pipe.quant.registry, pipe.quant.config, pipe.num_steps)
-        schedule = np.broadcast_to(schedule, (len(args.prompt),) + schedule.shape)
-    emb = pipe.encode(args.prompt)
-    for p, cut in zip(args.prompt, emb.truncated):
+        schedule = np.broadcast_to(schedule, (len(prompts),) + schedule.shape)
+    emb = pipe.encode(prompts)
+    for p, cut in zip(prompts, emb.truncated):
         if cut:
             print(f"[qlip] warning: prompt truncated to 77 tokens: {p[:60]}...", file=sys.stderr)
     if kind == "uniform":
-        schedule = pipe.uniform_schedule(len(args.prompt), value[1])
+        schedule = pipe.uniform_schedule(len(prompts), value[1])
     elif kind == "qlip":
         quality, schedule = selector.predict(pipe, emb)
     t1 = time.time()
-    images = pipe(emb, np.arange(len(args.prompt)) + args.seed, args.guidance, schedule)
+    images = pipe(emb, np.arange(len(prompts)) + args.seed, args.guidance, schedule)
     print(f"[qlip] sampled in {time.time() - t1:.1f}s (including compilation)", file=sys.stderr)
     if schedule is not None:
         fab = np.asarray(average_act_bits(np.asarray(schedule), pipe.quant.config))
-        for i, p in enumerate(args.prompt):
+        for i, p in enumerate(prompts):
             q = "" if quality is None else f", predicted quality {float(quality[i]):.3f}"
             print(f"average activation bits {fab[i]:.2f}{q}: {p}")
-    save_grid(args.out, images, args.prompt)
+    save_grid(args.out, images, prompts)
     print(args.out)
     return 0
 
@@ -271,13 +301,20 @@ def cmd_demo(args) -> int:
 
 @program
 def main(argv: list[str] | None = None) -> int:
+    from qlip_jax import compile_cache
+    from qlip_jax.data.sources import add_source_arguments
+
     parser = argparse.ArgumentParser(prog="qlip", description=__doc__.split("\n\n")[0],
                                      epilog="A bad input prints one 'error:' line and exits 2; --debug (anywhere) "
                                             "or QLIP_DEBUG=1 shows its traceback instead.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="text-to-image sampling at a chosen precision")
     s.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
-    s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    s.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="repeat for several prompts (default: the first --n evaluation prompts of --prompts FILE)")
+    add_source_arguments(s, reference=False)
+    s.add_argument("--n", type=int, default=4, help="prompts sampled from --prompts FILE without --prompt")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--seed", type=int, default=0,
@@ -298,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration prompts for min-max quantizer ranges (quantized precisions)")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
+    compile_cache.add_argument(s)
     s.set_defaults(func=cmd_sample)
 
     from qlip_jax.evaluation import add_arguments
@@ -309,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--selector", action="append", default=None, metavar="DIR",
                    help="QLIP selector (default: qlip_jax/assets/selector); repeat")
     add_arguments(d, n=128, out="qlip-demo")
+    compile_cache.add_argument(d)
     d.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
+    compile_cache.from_args(args)
     return args.func(args)
 
 

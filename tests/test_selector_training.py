@@ -92,23 +92,35 @@ def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup):
     assert fab_high_lambda < fab_low_lambda - 0.5, (fab_low_lambda, fab_high_lambda)
 
 
-def test_train_selector_resumes_with_identical_state(tiny_sd_dir, tiny_sd, setup, tmp_path):
-    """The real program, a few iterations: interrupted at 2 of 4 and resumed equals an uninterrupted run."""
+def test_train_selector_resumes_with_identical_state(tiny_sd_dir, tiny_sd, setup, tmp_path, monkeypatch):
+    """The real program, a few iterations: interrupted at 2 of 4 and resumed equals an uninterrupted run.
+    (The labels' scorer is not under test: the mean pixel value stands in for GIQA.)"""
     import sys
 
+    from PIL import Image
     from safetensors.numpy import load_file
 
     from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+    import train_selector
     from train_selector import main
+
+    monkeypatch.setattr(train_selector, "quality_target",
+                        lambda args, source: lambda images, records: images.astype(np.float64).mean(axis=(1, 2, 3)))
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green", "yellow", "black")
+                                  for s in ("star", "circle", "square", "cat")) + "\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(ref / "0.png")
 
     quant = setup[1]
     qdir = str(tmp_path / "quant")
     save_quant_setup(qdir, quant, model_fingerprint(tiny_sd.configs.unet, tiny_sd.params["unet"]),
                      {"method": "minmax"})
-    common = ["--model", tiny_sd_dir, "--quant", qdir, "--train-prompts", "8", "--heldout", "4",
-              "--real", "64", "--steps", "4", "--t2q-steps", "20", "--q2b-steps", "4", "--batch", "2",
+    common = ["--model", tiny_sd_dir, "--quant", qdir, "--prompts", str(prompts), "--reference", str(ref),
+              "--train-prompts", "8", "--heldout", "4", "--steps", "4", "--t2q-steps", "20", "--q2b-steps", "4", "--batch", "2",
               "--rows-per-prompt", "2", "--group-size", "2", "--first-fp-steps", "1", "--size", "64",
               "--q2b-lr", "0.3", "--quiet"]
     a, b = tmp_path / "a", tmp_path / "b"

@@ -59,6 +59,21 @@ def test_parity_linear_projection_per_block_heads_depth(tmp_path):
     assert rel_err(ours, _torch_out(unet, x, t, c)) <= 1e-4
 
 
+def test_parity_without_mid_block(tmp_path):
+    """BK-SDM's UNets have ``mid_block_type: null``: no mid block, and none in the registry."""
+    torch.manual_seed(2)
+    unet = TorchUNet(**{**TINY_UNET, "mid_block_type": None}).eval()
+    perturb_(unet, seed=2)
+    unet.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mid_block_type"] is None
+    cfg, params = load_unet(str(tmp_path))
+    assert "mid_block" not in params
+    x, t, c = _inputs(seed=3)
+    ours = UNet2DConditionModel(cfg).apply({"params": params}, x, t, c)
+    assert rel_err(ours, _torch_out(unet, x, t, c)) <= 1e-4
+    assert not any(n.startswith("mid_block") for n in unet_registry(cfg, (16, 16), (7, 24)).names)
+
+
 def test_save_then_diffusers_loads(tiny_unet_dir, tmp_path):
     cfg, params = load_unet(tiny_unet_dir)
     save_unet(str(tmp_path), cfg, params)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax import compile_cache
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data import scenes
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
@@ -342,6 +343,7 @@ def main(argv=None) -> int:
                    help="which parts --init-from starts (e.g. 'vae' alone: a fresh UNet and text encoder "
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_seed(args.seed, 2, uses="the diffusion stage draws from --seed + 1")
     for name in ("vae_steps", "steps", "sample_every"):
@@ -360,6 +362,7 @@ def main(argv=None) -> int:
                           "pass an earlier export of this program")
     check_writable_dir(args.work, "--work")
     check_writable_dir(args.out)
+    compile_cache.from_args(args)
     for name in ("object_weight", "min_snr_gamma"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax import compile_cache
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, prompt_set, render, sample_scene, scene_of
 from qlip_jax.errors import check_finite, check_int, check_seed, program
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--init", default=None, help="continue from a saved parser folder")
     p.add_argument("--seed-offset", type=int, default=0,
                    help="first training batch index (continuing runs see fresh scenes)")
+    compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_int(args.steps, "--steps", 1)
     check_int(args.batch, "--batch", 1)
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     check_finite(args.lr, "--lr", lo=0.0)
     check_seed(args.seed)
     check_writable_dir(args.out)
+    compile_cache.from_args(args)
 
     net = SceneParserNet(args.width)
     params = (SceneParser.load(args.init).params if args.init else

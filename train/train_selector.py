@@ -2,10 +2,17 @@
 
     python train/train_selector.py --quant runs/quant/mse --work runs/selector --out runs/selector/export
 
-1. Labels: float sampling of ``--train-prompts`` training prompts (seed ``i``), keeping each image's
-   trajectory; each image is scored by ``--quality`` (GIQA-KNN over the scene parser's features by
-   default) and the scores are normalised to [0, 1] (:mod:`qlip_jax.selector.quality`). Labels and
-   trajectories are cached in ``--work``.
+    python train/train_selector.py --model SD_DIR --prompts captions.txt --reference images/ \\
+        --quant runs/quant/qdiff --work runs/selector --out runs/selector/export
+
+1. Labels: float sampling of ``--train-prompts`` training prompts (seed ``i``) of the data source
+   (``--prompts FILE``'s train split, held-out prompts from its eval split; the procedural scenes without
+   it), keeping each image's trajectory; each image is scored by ``--quality`` and the scores are
+   normalised to [0, 1] (:mod:`qlip_jax.selector.quality`). GIQA (KNN, or GMM) compares features of the
+   image with features of real images: Inception-v3 pool features of the ``--reference`` images with a
+   prompt file, the scene parser's features of rendered scenes otherwise. Labels and trajectories are
+   cached in ``--work`` under a key of the model fingerprint, the data source, the quality target and
+   the sampler settings (another model or data never reuses them).
 2. T2Q: MSE regression of the label from the prompt's pooled text embedding; SROCC/PLCC on
    ``--heldout`` evaluation prompts (never trained on) are printed and stored.
 3. Q2B, everything else frozen: each iteration takes ``--batch`` training prompts, samples their
@@ -13,8 +20,10 @@
    minimises the paper's loss (:mod:`qlip_jax.selector.training`). orbax checkpoints every
    ``--ckpt-every`` iterations; a rerun resumes. With ``--devices N`` (or several accelerators) the rows are
    sharded over a ``data`` mesh axis and the selector is replicated.
-4. Export to ``--out``: ``selector.json`` (configs, candidate bits, metrics, command), ``t2q.safetensors``,
-   ``q2b.safetensors``, and the quantizer state it was trained on (``quant/``).
+4. Export to ``--out``: ``selector.json`` (configs, candidate bits, metrics, command, and the model
+   fingerprint, data source, quality target and sampler it was trained with), ``t2q.safetensors``,
+   ``q2b.safetensors``, and the quantizer state it was trained on (``quant/``). A selector is refused on
+   another model; used at another step count it is noted (Q2B's groups of steps stretch to the new count).
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from qlip_jax import compile_cache
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
-from qlip_jax.data.scenes import prompt_set
-from qlip_jax.errors import (MismatchError, MissingFile, check_finite, check_int, check_sampling_args,
-                             program)
+from qlip_jax.data.sources import FileSource, add_source_arguments, source_from_args
+from qlip_jax.errors import (BadArgument, MismatchError, MissingFile, check_finite, check_int,
+                             check_sampling_args, program)
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
@@ -55,12 +65,15 @@ from qlip_jax.training import Checkpointer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (<weights>.fp16.safetensors)")
     p.add_argument("--quant", required=True, help="quantizer state from train/calibrate.py")
     p.add_argument("--parser", default=os.path.join(ASSETS, "scene-parser"))
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--quality", default="giqa-knn", choices=QUALITY_KINDS)
-    p.add_argument("--real", type=int, default=4000, help="real scenes whose features GIQA compares to")
+    p.add_argument("--real", type=int, default=4000,
+                   help="real images whose features GIQA compares to (rendered scenes, or the first of --reference)")
+    add_source_arguments(p)
     p.add_argument("--train-prompts", type=int, default=512)
     p.add_argument("--heldout", type=int, default=128)
     p.add_argument("--scheduler", default="ddim")
@@ -92,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -124,16 +138,70 @@ def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bou
     return targets, trajs
 
 
-def q2b_run_name(args, quant, method: str | None) -> str:
+def _check_quality(args, source) -> None:
+    """Refuse a quality target the data source cannot give, before anything loads."""
+    if not isinstance(source, FileSource):
+        return
+    if args.quality == "alignment":
+        raise BadArgument("--quality alignment needs the scene parser, which only reads the procedural scenes",
+                          "use --quality giqa-knn or giqa-gmm with --reference DIR")
+    if source.reference is None:
+        raise BadArgument(f"--quality {args.quality} with --prompts needs --reference DIR (the real images "
+                          "GIQA compares with)", "pass --reference DIR of real images")
+    if source.reference_stats() is not None:
+        raise BadArgument(f"--reference {args.reference} holds Inception statistics; GIQA needs the real "
+                          "images' features", "pass --reference DIR, a folder of the real images")
+
+
+def quality_description(args, source) -> dict:
+    """What the labels measure (recorded in the label cache key and the selector folder)."""
+    if args.quality == "alignment":
+        return {"kind": "alignment", "scorer": "scene-parser"}
+    features = "inception-v3-pool" if isinstance(source, FileSource) else "scene-parser"
+    return {"kind": args.quality, "features": features, "real": args.real}
+
+
+def quality_target(args, source):
+    """``quality_fn(images, records) -> [N]``: GIQA over Inception-v3 pool features of the first ``--real``
+    reference images (a prompt file), or over the scene parser's features of ``--real`` rendered scenes /
+    the parser's alignment (the scenes)."""
+    if isinstance(source, FileSource):
+        from qlip_jax.metrics.inception import inception_features, load_inception_params
+
+        params = load_inception_params()
+        extract = lambda images: inception_features(params, images)[0]  # noqa: E731
+        real = np.concatenate([extract(b) for b in source.reference_batches(299, limit=args.real)])
+        need = 5 if args.quality == "giqa-knn" else 8   # make_quality_fn's k / n_components
+        if len(real) < need:
+            raise BadArgument(f"--reference has {len(real)} readable image(s); {args.quality} needs at least "
+                              f"{need}", "add reference images")
+        return make_quality_fn(args.quality, extract, real)
+    parser = SceneParser.load(args.parser)
+    real = None if args.quality == "alignment" else real_features(parser.features, args.real)
+    return make_quality_fn(args.quality, parser.features, real, parser)
+
+
+def label_key(args, fingerprint: str, source) -> str:
+    """Name part of the label / trajectory caches: a digest of everything the labels depend on (the model,
+    the data source, the quality target and the sampler), so that nothing is reused across them."""
+    key = {"model": fingerprint, "data": source.describe(), "quality": quality_description(args, source),
+           "sampler": [args.scheduler, args.steps, args.guidance, args.size]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{args.quality}-{args.scheduler}{args.steps}-g{args.guidance}-{digest}"
+
+
+def q2b_run_name(args, quant, method: str | None, labels: str = "") -> str:
     """Checkpoint folder of one Q2B problem: a run resumes only a run with the same settings on the same
-    quantizer (its config, state and PTQD tables, digested), wherever that quantizer is stored. Labels,
-    which depend on the float model alone, are shared by all runs in ``--work``."""
+    quantizer (its config, state and PTQD tables, digested), wherever that quantizer is stored, and the
+    same labels (``labels``: :func:`label_key`). Labels, which depend on the float model, the data and the
+    sampler alone, are shared by all runs in ``--work`` with those."""
     key = {k: getattr(args, k) for k in ("quality", "train_prompts", "scheduler", "steps", "guidance", "pooling",
                                         "t2q_hidden", "t2q_steps", "t2q_lr", "bits", "group_size",
                                         "first_fp_steps", "ablation", "lambda_bit", "macs_weighted", "trajectory",
                                         "q2b_lr", "batch", "rows_per_prompt", "size", "seed")}
     tables = {"state": quant.state, "ptqd": {} if quant.ptqd is None else quant.ptqd.to_dict()}
     key["quant"] = model_fingerprint(quant.config, tables)
+    key["labels"] = labels
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"q2b-{method or 'quant'}-{args.ablation}-lam{args.lambda_bit}-{digest}"
 
@@ -151,12 +219,19 @@ def main(argv=None) -> int:
     for flag, folder in (("--quant", args.quant), ("--parser", args.parser), ("--model", args.model)):
         if folder is not None and not os.path.isdir(folder):
             raise MissingFile(folder, f"{flag} folder not found: {folder}", f"check {flag}")
+    if args.model is not None and args.prompts is None:
+        raise BadArgument("--model needs --prompts FILE (training captions for that model)",
+                          "pass --prompts FILE (and --reference DIR for the GIQA target)")
+    source = source_from_args(args)
+    _check_quality(args, source)
     check_writable_dir(args.work, "--work")
     check_writable_dir(args.out)
+    compile_cache.from_args(args)
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
-    sd = load_stable_diffusion(args.model or default_model_dir())
-    quant, quant_info = load_quant_setup(args.quant, model_fingerprint(sd.configs.unet, sd.params["unet"]))
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
+    fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"])
+    quant, quant_info = load_quant_setup(args.quant, fingerprint)
     cfg = quant.config
     bits = tuple(args.bits) if args.bits else tuple(sorted(cfg.act_bits))[:3]
     if len(bits) != 3:
@@ -168,13 +243,13 @@ def main(argv=None) -> int:
     T, L = q_pipe.num_steps, len(quant.registry)
 
     # 1. labels
-    parser = SceneParser.load(args.parser)
-    extract = parser.features
-    real = None if args.quality == "alignment" else real_features(extract, args.real)
-    quality_fn = make_quality_fn(args.quality, extract, real, parser)
-    train_recs = prompt_set("train")[:args.train_prompts]
-    held_recs = prompt_set("eval")[-args.heldout:]
-    tag = f"{args.quality}-{args.scheduler}{args.steps}-g{args.guidance}"
+    quality_fn = quality_target(args, source)
+    train_recs = source.prompts("train")[:args.train_prompts]
+    held_recs = source.prompts("eval")[-args.heldout:]
+    if len(train_recs) < 2 or not held_recs:
+        raise BadArgument(f"the data source has {len(train_recs)} train and {len(held_recs)} eval prompt(s); "
+                          "T2Q needs at least 2 and 1", "give --prompts a file with more captions")
+    tag = label_key(args, fingerprint, source)
     train_t, train_traj = label_with_trajectories(
         fp_pipe, train_recs, args.guidance, quality_fn, args.quality,
         os.path.join(args.work, f"labels-train{len(train_recs)}-{tag}.npz"), desc="label train")
@@ -214,7 +289,7 @@ def main(argv=None) -> int:
                             low, med, high, args.lambda_bit)
     tx = optax.adam(args.q2b_lr)
     state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
-    ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"))))
+    ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"), tag)))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"[selector] Q2B resumed at iteration {int(state['step'])}", file=sys.stderr)
@@ -271,7 +346,10 @@ def main(argv=None) -> int:
             "q2b_steps": args.q2b_steps, "train_prompts": len(train_recs), "t2q": t2q_metrics,
             "heldout_fab_mean": float(fab.mean()), "heldout_fab_std": float(fab.std()),
             "final_mse": float(metrics["mse"]) if metrics else None,
-            "base_method": quant_info.get("method"), "minutes": round((time.time() - t0) / 60, 1)}
+            "base_method": quant_info.get("method"), "minutes": round((time.time() - t0) / 60, 1),
+            "model_fingerprint": fingerprint, "data": source.describe(),
+            "quality_target": quality_description(args, source),
+            "sampler": {"scheduler": args.scheduler, "steps": T, "guidance": args.guidance, "size": args.size}}
     sel.save(args.out, info, quant_dir=args.quant)
     print(json.dumps(info, indent=1))
     return 0

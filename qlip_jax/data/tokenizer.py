@@ -64,11 +64,21 @@ def convert_clip_bpe(gz_path: str, out_dir: str) -> str:
 
 
 def load_tokenizer(folder: str):
-    """``transformers.CLIPTokenizer`` from a local folder (never the hub)."""
+    """``transformers.CLIPTokenizer`` from a local folder (never the hub).
+
+    Reads both layouts: ``vocab.json`` + ``merges.txt`` (SD v1.x folders, transformers 4 saves) and
+    ``tokenizer.json`` alone (what transformers 5's ``save_pretrained`` writes)."""
     from transformers import CLIPTokenizer
 
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"tokenizer folder {folder} lacks {name}; build one with "
-                                    "qlip_jax.data.tokenizer.convert_clip_bpe(find_clip_bpe(), folder)")
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    if not has("tokenizer.json"):
+        for name in ("vocab.json", "merges.txt"):
+            if not has(name):
+                from qlip_jax.errors import MissingFile
+
+                raise MissingFile(
+                    os.path.join(folder, name),
+                    f"tokenizer folder {folder} has neither tokenizer.json nor vocab.json + merges.txt "
+                    f"(lacks {name})",
+                    "build one with qlip_jax.data.tokenizer.convert_clip_bpe(find_clip_bpe(), folder)")
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)

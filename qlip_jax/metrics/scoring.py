@@ -40,9 +40,10 @@ def alignment(parser: SceneParser, records: list, images: np.ndarray) -> np.ndar
 
 
 def score_images(images: np.ndarray, fp_images: np.ndarray | None, records: list,
-                 parser: SceneParser) -> dict[str, np.ndarray]:
-    """Per-image ``alignment`` and, given float images of the same seeds, ``psnr`` and ``ssim``."""
-    out = {"alignment": alignment(parser, records, images)}
+                 parser: SceneParser | None) -> dict[str, np.ndarray]:
+    """Per-image ``alignment`` (with a scene ``parser``; none without) and, given float images of the same
+    seeds, ``psnr`` and ``ssim``."""
+    out = {} if parser is None else {"alignment": alignment(parser, records, images)}
     if fp_images is not None:
         out["psnr"] = psnr(images, fp_images)
         out["ssim"] = ssim(images, fp_images)

@@ -78,6 +78,11 @@ class UNetConfig:
 
     Note the diffusers naming quirk: for SD v1 ``attention_head_dim`` actually holds the *number of
     heads* (8) when ``num_attention_heads`` is unset; :meth:`heads` reproduces it.
+
+    Supported beyond SD v1: SD 2.x's ``use_linear_projection``, per-block head counts and
+    ``upcast_attention`` (accepted: in float32 it changes nothing; with a bfloat16 compute dtype ``QK^T``
+    stays in bfloat16, whose range does not overflow as float16's does, and the softmax is float32);
+    BK-SDM's ``mid_block_type: null`` (no mid block). Any other non-default value is refused by name.
     """
 
     sample_size: int | None = None
@@ -145,7 +150,7 @@ class UNetConfig:
         supported = {name: _is_default(cls, name) for name in must_be_default}
         supported |= {
             "act_fn": lambda v: v == "silu",
-            "mid_block_type": lambda v: v == "UNetMidBlock2DCrossAttn",
+            "mid_block_type": lambda v: v in ("UNetMidBlock2DCrossAttn", None),  # None: BK-SDM
             "down_block_types": lambda v: all(b in ("CrossAttnDownBlock2D", "DownBlock2D") for b in v),
             "up_block_types": lambda v: all(b in ("CrossAttnUpBlock2D", "UpBlock2D") for b in v),
             "layers_per_block": lambda v: isinstance(v, int),
@@ -292,3 +297,69 @@ class CLIPTextConfig:
     def to_dict(self) -> dict:
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
                 **config_to_dict(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIPModel (vision tower + projections, for the CLIP score)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers ``CLIPVisionConfig`` (ViT image tower of a ``CLIPModel``)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "vision config") -> "CLIPVisionConfig":
+        supported = {"hidden_act": lambda v: v in ("quick_gelu", "gelu"), "num_channels": lambda v: v == 3}
+        ignore = CLIPTextConfig._IGNORED | {"gradient_checkpointing", "vocab_size", "max_position_embeddings",
+                                            "pad_token_id", "bos_token_id", "eos_token_id"}
+        cfg = config_from_dict(cls, d, supported=supported, ignore=ignore, source=source)
+        if cfg.image_size % cfg.patch_size:
+            raise ConfigError(f"{source}: image_size={cfg.image_size} is not a multiple of "
+                              f"patch_size={cfg.patch_size}")
+        return cfg
+
+
+#: the architectures a CLIP-score folder may declare
+CLIP_ARCHITECTURES = ("CLIPModel",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """transformers ``CLIPConfig``: text and vision towers, a shared ``projection_dim`` and the initial
+    ``logit_scale`` (the checkpoint's ``logit_scale`` parameter is what is used)."""
+
+    text_config: CLIPTextConfig = CLIPTextConfig()
+    vision_config: CLIPVisionConfig = CLIPVisionConfig()
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    initializer_factor: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "CLIP config") -> "CLIPConfig":
+        arch = list(d.get("architectures") or [])
+        if d.get("model_type") != "clip" or "text_config" not in d or "vision_config" not in d or \
+                (arch and not set(arch) & set(CLIP_ARCHITECTURES)):
+            raise ConfigError(
+                f"{source}: not a transformers CLIPModel (model_type={d.get('model_type')!r}, "
+                f"architectures={arch}); the CLIP score needs a CLIPModel folder with both towers and "
+                "their projections (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
+        top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+        top["text_config"] = CLIPTextConfig.from_dict(d["text_config"], source=f"{source} text_config")
+        top["vision_config"] = CLIPVisionConfig.from_dict(d["vision_config"], source=f"{source} vision_config")
+        ignore = CLIPTextConfig._IGNORED | {"text_config_dict", "vision_config_dict"}
+        return config_from_dict(cls, top, supported={}, ignore=ignore, source=source)

@@ -13,6 +13,8 @@ Flax leaf          PyTorch key suffix      layout change
 ``bias``           ``bias``                none
 =================  ======================  ==========================================
 
+Bare parameters (``class_embedding``, ``logit_scale`` of CLIP) keep their name and layout.
+
 Loading checks every key both ways (missing, unexpected, shape) and names the offending key and
 file. Tensors are converted to float32 whatever dtype the file stores (fp16 variants load as-is).
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -33,6 +37,8 @@ from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
 from qlip_jax.naming import flax_to_torch_path
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+#: bare parameters (``nn.Parameter`` attributes in PyTorch): the leaf name is the key's last part
+_RAW_LEAVES = frozenset({"class_embedding", "logit_scale"})
 
 
 class WeightLoadError(MismatchError):
@@ -43,21 +49,63 @@ class WeightLoadError(MismatchError):
 # Files
 
 
-def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
-    """Safetensors files of one component: single file or a sharded ``*.index.json``."""
-    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+def _variant_name(stem: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model[.fp16].safetensors`` (diffusers' ``_add_variant``)."""
+    return f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+
+
+def _files_named(folder: str, name: str, variant: str | None) -> list[str] | None:
+    """The file ``name`` or the shards its index lists, or None. Sharded variants are indexed as
+    ``<stem>.safetensors.index.<variant>.json`` (diffusers/transformers) or ``<name>.index.json``."""
     single = os.path.join(folder, name)
     if os.path.isfile(single):
         return [single]
-    index = single + ".index.json"
-    if os.path.isfile(index):
-        weight_map = require_fields(read_json(index), ("weight_map",), index)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise BadFile(index, "\"weight_map\" is not an object", "re-export the checkpoint")
-        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+    indices = [single + ".index.json"]
+    if variant:
+        indices.append(os.path.join(folder, name.replace(f".{variant}.safetensors",
+                                                         f".safetensors.index.{variant}.json")))
+    for index in indices:
+        if os.path.isfile(index):
+            weight_map = require_fields(read_json(index), ("weight_map",), index)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise BadFile(index, "\"weight_map\" is not an object", "re-export the checkpoint")
+            return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+    return None
+
+
+def variants_present(folder: str, stem: str) -> list[str]:
+    """Variant names (``fp16``, ...) of ``stem`` safetensors files in ``folder``."""
+    pat = re.compile(re.escape(stem) + r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+    found = {m.group(1) for p in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := pat.match(p))}
+    return sorted(found)
+
+
+def _weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
+    """Safetensors files of one component: single file or a sharded ``*.index.json``.
+
+    With ``variant`` (e.g. ``'fp16'``) the variant files are read; a component without them falls back
+    to its plain files with a warning, as diffusers does for a pipeline with a mixture."""
+    name = _variant_name(stem, variant)
+    files = _files_named(folder, name, variant)
+    if files is not None:
+        return files
+    if variant:
+        plain = _files_named(folder, _variant_name(stem, None), None)
+        if plain is not None:
+            warnings.warn(f"{folder} has no {variant} variant ('{name}'); loading its "
+                          f"'{_variant_name(stem, None)}' instead", stacklevel=3)
+            return plain
     present = sorted(p for p in os.listdir(folder) if p.endswith((".safetensors", ".bin", ".json")))
+    others = [v for v in variants_present(folder, stem) if v != variant]
+    if others:
+        raise MissingFile(
+            os.path.join(folder, name),
+            f"no '{name}' in {folder}, but it has the variant(s) {others} "
+            f"({', '.join(_variant_name(stem, v) for v in others)})",
+            f"load with variant={others[0]!r} (programs: --variant {others[0]})")
     raise MissingFile(
-        single, f"no '{name}' (or its .index.json) in {folder}; files present: {present}",
+        os.path.join(folder, name), f"no '{name}' (or its .index.json) in {folder}; files present: {present}",
         "only safetensors checkpoints are read (convert a .bin with diffusers' "
         "save_pretrained(safe_serialization=True))")
 
@@ -135,6 +183,8 @@ def flat_leaves(tree: Mapping) -> dict[tuple[str, ...], object]:
 
 def _torch_key(path: tuple[str, ...], prefix: str) -> str:
     leaf = path[-1]
+    if leaf in _RAW_LEAVES:
+        return prefix + flax_to_torch_path(path)
     if leaf not in _LEAF_TO_TORCH:
         raise WeightLoadError(f"no PyTorch name for Flax leaf '{'/'.join(path)}'")
     return prefix + flax_to_torch_path(path[:-1]) + "." + _LEAF_TO_TORCH[leaf]

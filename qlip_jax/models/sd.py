@@ -48,7 +48,12 @@ class StableDiffusion:
 
 
 def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiffusion:
-    """Load a diffusers-format SD folder. Errors name the missing part or offending file."""
+    """Load a diffusers-format SD folder. Errors name the missing part or offending file.
+
+    ``variant`` (e.g. ``'fp16'``) reads every component's ``<weights>.<variant>.safetensors``; a
+    component without them falls back to its plain files with a warning (as diffusers does), and a
+    folder with no variant file at all is refused. Other pipeline entries of ``model_index.json``
+    (``safety_checker``, ``feature_extractor``, ...) are ignored."""
     from qlip_jax.data.tokenizer import load_tokenizer
 
     if not os.path.isdir(folder):
@@ -58,9 +63,15 @@ def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiff
     if missing:
         raise FileNotFoundError(f"{folder} lacks component(s) {missing} (model_index.json + one "
                                 "sub-folder each are required)")
+    stems = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+    if variant and not any(variant in io.variants_present(os.path.join(folder, c), s)
+                           for c, s in stems.items()):
+        raise FileNotFoundError(f"{folder}: no component has '{variant}' variant files (e.g. "
+                                f"unet/diffusion_pytorch_model.{variant}.safetensors); drop the variant "
+                                "(--variant) to load the plain files")
     unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant)
-    vae_cfg, vae = load_vae(os.path.join(folder, "vae"))
-    text_cfg, text = load_text_encoder(os.path.join(folder, "text_encoder"))
+    vae_cfg, vae = load_vae(os.path.join(folder, "vae"), variant)
+    text_cfg, text = load_text_encoder(os.path.join(folder, "text_encoder"), variant)
     sched_cfg = SchedulerConfig.from_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
     info_path = os.path.join(folder, "qlip_training.json")

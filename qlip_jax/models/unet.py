@@ -128,7 +128,9 @@ class UNet2DConditionModel(nn.Module):
                              dt, name=f"down_blocks_{i}")(x, temb, context, None, q)
             skips += outs
 
-        x = UNetMidBlock2DCrossAttn(cfg, heads[-1], depths[-1], dt, name="mid_block")(x, temb, context, q)
+        if cfg.mid_block_type is not None:  # None: no mid block (BK-SDM)
+            x = UNetMidBlock2DCrossAttn(cfg, heads[-1], depths[-1], dt, name="mid_block")(
+                x, temb, context, q)
 
         rev_channels = cfg.block_out_channels[::-1]
         rev_heads, rev_depths = heads[::-1], depths[::-1]
@@ -205,7 +207,8 @@ def abstract_unet_params(config: UNetConfig, context_dim: int | None = None) -> 
 
 
 def load_unet(folder: str, variant: str | None = None) -> tuple[UNetConfig, dict]:
-    """Read a diffusers ``unet/`` folder (``config.json`` + safetensors) -> ``(config, params)``."""
+    """Read a diffusers ``unet/`` folder (``config.json`` + safetensors) -> ``(config, params)``;
+    ``variant='fp16'`` reads ``diffusion_pytorch_model.fp16.safetensors``."""
     config = UNetConfig.from_dict(io.read_json(f"{folder}/config.json"), source=f"{folder}/config.json")
     tensors = io.read_safetensors(folder, "diffusion_pytorch_model", variant)
     return config, io.torch_to_flax(tensors, abstract_unet_params(config), source=folder)

@@ -187,11 +187,12 @@ def abstract_vae_params(config: VAEConfig) -> dict:
     return jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), x)["params"]  # no compile
 
 
-def load_vae(folder: str) -> tuple[VAEConfig, dict]:
-    """Read a diffusers ``vae/`` folder -> ``(config, params)`` (legacy attention names accepted)."""
+def load_vae(folder: str, variant: str | None = None) -> tuple[VAEConfig, dict]:
+    """Read a diffusers ``vae/`` folder -> ``(config, params)`` (legacy attention names accepted);
+    ``variant='fp16'`` reads ``diffusion_pytorch_model.fp16.safetensors``."""
     config = VAEConfig.from_dict(io.read_json(os.path.join(folder, "config.json")),
                                  source=os.path.join(folder, "config.json"))
-    tensors = rename_legacy_keys(io.read_safetensors(folder, "diffusion_pytorch_model"))
+    tensors = rename_legacy_keys(io.read_safetensors(folder, "diffusion_pytorch_model", variant))
     return config, io.torch_to_flax(tensors, abstract_vae_params(config), source=folder)
 
 

@@ -69,6 +69,15 @@ class Selector:
         q, sched = self._select(self.t2q_params, self.q2b_params, self.pooled(emb), pipe.num_steps)
         return np.asarray(q), np.asarray(sched, np.int32)
 
+    def steps_note(self, num_steps: int) -> str | None:
+        """A one-line note when the selector was trained for another sampler step count than
+        ``num_steps`` (it still works: Q2B's step groups are laid over the new count), else None."""
+        trained = (self.info.get("sampler") or {}).get("steps")
+        if trained is None or int(trained) == int(num_steps):
+            return None
+        return (f"note: this selector was trained for {trained} sampler steps and is used at {num_steps}: its "
+                f"schedules were not trained for that count (train_selector.py --steps {num_steps} trains one)")
+
     def schedule(self, pipe, emb) -> np.ndarray:
         """int32 ``[B, T, L]`` schedule for encoded prompts ``emb``."""
         return self.predict(pipe, emb)[1]
@@ -108,6 +117,12 @@ class Selector:
         state must have been calibrated for it."""
         meta = cls.read_meta(folder)
         path = os.path.join(folder, "selector.json")
+        fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"])
+        trained_on = meta["info"].get("model_fingerprint")
+        if trained_on is not None and trained_on != fingerprint:
+            raise MismatchError(f"the selector in {folder} was trained on another model (fingerprint "
+                                f"{str(trained_on)[:12]}, this model is {fingerprint[:12]})",
+                                "train a selector for this --model with train/train_selector.py")
         try:
             q2b_config = Q2BConfig(**meta["q2b"])
         except TypeError as e:
@@ -115,7 +130,6 @@ class Selector:
                           "restore the file or train the selector again") from e
         t2q_params = _load_tree(os.path.join(folder, "t2q.safetensors"))
         q2b_params = _load_tree(os.path.join(folder, "q2b.safetensors"))
-        quant, _ = load_quant_setup(os.path.join(folder, "quant"), model_fingerprint(sd.configs.unet,
-                                                                                    sd.params["unet"]))
+        quant, _ = load_quant_setup(os.path.join(folder, "quant"), fingerprint)
         return cls(T2Q(hidden=meta["t2q"]["hidden"]), t2q_params, Q2B(q2b_config), q2b_params, quant,
                    meta["pooling"], meta["info"])
