@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     print(f"|------:|{'-' * 50}|-----------------:|-----------------:|-----------:|--------------------:|")
     for b, name, cold, warm, med in rows:
         base = next(m for bb, n, _, _, m in rows if bb == b and n == "ours, float")
-        c = "" if cold is None else f"{cold:.1f}" if cold > 0.05 else "(= W4A8's)"
+        c = "" if cold is None else f"{cold:.1f}" if cold > 1.0 else "(= W4A8's)"
         w = "" if warm is None else f"{warm:.1f}"
         print(f"| {b:5d} | {name:48s} | {c:>16s} | {w:>16s} | {med:10.3f} | {med / base:19.2f} |")
     if cli:
