@@ -62,13 +62,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array, bits: jax.
       signed: symmetric signed grid (weights) or unsigned asymmetric grid (activations).
     """
     lo, hi = int_range(bits, signed)
-    return fake_quant_on_grid(x, scale, round_ste(zero_point), lo, hi)
-
-
-def fake_quant_on_grid(x: jax.Array, scale: jax.Array, zp: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """:func:`fake_quant` with its grid given: ``zp`` the rounded zero point, ``[lo, hi]`` from
-    :func:`int_range` (all broadcastable to ``x``), e.g. computed once for every layer of a network
-    (:mod:`qlip_jax.quant.prepare`)."""
+    zp = round_ste(zero_point)
     q = jnp.clip(round_ste(x / scale) + zp, lo, hi)
     return (q - zp) * scale
 

@@ -14,9 +14,7 @@ TPU): inputs and kernels are cast to it after fake quantization.
 Mixed batches. Rows of one batch may run at different candidates. Activation candidates are per-row
 selects, which is free. Weights have only two variants (quantized or float, the latter for the
 full-precision candidate); when the rows of a batch disagree on that, the layer computes both outputs
-and selects per row (``lax.cond``, so the common uniform case costs one op). Callers that group rows
-by weight variant (:func:`qlip_jax.quant.prepare.apply_by_weight_variant`, used by the sampler) pass
-``QuantArgs.weight_fp`` instead: one op per layer and no conditional in the compiled program.
+and selects per row (``lax.cond``, so the common uniform case costs one op).
 
 Optional state (base PTQ methods, see :mod:`qlip_jax.quant.state`): an AdaRound rounding decision
 ``w_round`` replaces round-to-nearest of the kernel; ``a_scale_skip/a_zero_skip/split`` quantize the
@@ -37,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qlip_jax.naming import flax_to_torch_path
-from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_on_grid, fake_quant_or_float
+from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float
 from qlip_jax.quant.state import QuantArgs
 
 Dtype = jnp.dtype
@@ -67,21 +65,19 @@ def _rows(scale: jax.Array, q: QuantArgs, batch: int) -> jax.Array:
 
 def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: jax.Array,
                          q: QuantArgs, mix: jax.Array | None = None,
-                         skip: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                         rows: tuple | None = None) -> jax.Array:
+                         skip: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
     """Per-tensor asymmetric fake quantization of ``x [B, ...]`` at each row's candidate ``idx [B]``.
 
     ``scale``/``zero`` are ``[K]``, or ``[S, K]`` step tables read at the row's ``q.step``. With
     ``mix [B, K]`` the result is ``sum_k mix[:, k] * Q_k(x)`` (straight-through selector training).
     ``skip = (scale_skip, zero_skip, split)`` quantizes the channels ``x[..., split:]`` (the skip half of
     a concatenation) with their own parameters and ``x[..., :split]`` with ``scale``/``zero``.
-    ``rows = ((use_float, lo, hi), (scale, zp), skip (scale, zp) or None)``, each ``[B]``: the same
-    per-row quantizer already looked up (:func:`qlip_jax.quant.prepare.prepare_rows`); then only the
-    elementwise part is left here.
     """
     cfg = q.config
     b = x.shape[0]
+    scale, zero = _rows(scale, q, b), _rows(zero, q, b)
     if skip is not None:
+        skip_scale, skip_zero = _rows(skip[0], q, b), _rows(skip[1], q, b)
         is_main = jnp.arange(x.shape[-1]) < skip[2]                           # [C]
 
     def expand(main, other=None):
@@ -92,16 +88,7 @@ def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: j
         return v.reshape((b,) + (1,) * (x.ndim - 2) + (x.shape[-1],))
 
     x32 = x.astype(jnp.float32)
-    if rows is not None and mix is None:
-        (use_float, lo, hi), (s, zp), skip_rows = rows
-        s = expand(s, None if skip is None else skip_rows[0])
-        zp = expand(zp, None if skip is None else skip_rows[1])
-        out = fake_quant_on_grid(x32, s, zp, _per_row(lo, x.ndim), _per_row(hi, x.ndim))
-        return jnp.where(_per_row(use_float, x.ndim), x32, out)
     table = jnp.asarray(cfg.act_bits_table())
-    scale, zero = _rows(scale, q, b), _rows(zero, q, b)
-    if skip is not None:
-        skip_scale, skip_zero = _rows(skip[0], q, b), _rows(skip[1], q, b)
     if mix is not None:
         out = jnp.zeros_like(x32)
         for k in range(cfg.num_quantized):
@@ -113,9 +100,9 @@ def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: j
     a_bits = table[idx]
     is_fp = idx == cfg.fp_index
     k = jnp.minimum(idx, cfg.num_quantized - 1)  # the fp candidate has no scale of its own
-    r = jnp.arange(b)
-    s = expand(scale[r, k], None if skip is None else skip_scale[r, k])
-    z = expand(zero[r, k], None if skip is None else skip_zero[r, k])
+    rows = jnp.arange(b)
+    s = expand(scale[rows, k], None if skip is None else skip_scale[rows, k])
+    z = expand(zero[rows, k], None if skip is None else skip_zero[rows, k])
     return fake_quant_or_float(x32, s, z, _per_row(a_bits, x.ndim), _per_row(is_fp, x.ndim), signed=False)
 
 
@@ -141,8 +128,7 @@ def quantize_weight(kernel: jax.Array, state: dict, bits: jax.Array) -> jax.Arra
 
 def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                         kernel: jax.Array, state: dict, idx: jax.Array, q: QuantArgs,
-                        dtype: Dtype, mix: jax.Array | None = None,
-                        weight_fp: jax.Array | None = None, rows: dict | None = None) -> jax.Array:
+                        dtype: Dtype, mix: jax.Array | None = None) -> jax.Array:
     """Apply ``op(x, kernel)`` with fake-quantized input and kernel.
 
     Args:
@@ -154,22 +140,15 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
         quantization of a concatenated input), and ``[S, K]`` step tables instead of ``[K]`` (TDQ).
       idx: ``[B]`` candidate index per row.
       mix: optional ``[B, K]`` straight-through candidate weights (see :class:`QuantArgs`).
-      weight_fp: optional scalar bool, float weights for the whole batch (the caller groups rows by
-        weight variant, :mod:`qlip_jax.quant.prepare`); None: decided per row from ``idx``.
-      rows: optional per-row activation quantizer of this layer looked up in advance
-        (``QuantArgs.rows``, :func:`qlip_jax.quant.prepare.prepare_rows`).
     """
     cfg = q.config
     if idx.shape != (x.shape[0],):
         raise ValueError(f"bit index must have shape [B={x.shape[0]}], got {idx.shape}")
-    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix, _skip_quantizer(state),
-                              None if rows is None else (rows["grid"], rows["a"], rows.get("a_skip"))
-                              ).astype(dtype)
+    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix,
+                              _skip_quantizer(state)).astype(dtype)
     wq = quantize_weight(kernel, state, jnp.float32(cfg.weight_bits))
     if q.quantized_only:
         return op(xq, wq.astype(dtype))
-    if weight_fp is not None:  # one weight variant for the batch; xq is already exact x on fp rows
-        return op(xq, jnp.where(weight_fp, kernel, wq).astype(dtype))
     is_fp = idx == cfg.fp_index
     all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
 
@@ -227,8 +206,7 @@ class _WeightLayer(_Quantizable):
             y = op(x.astype(self.dtype), kernel.astype(self.dtype))
         else:
             state, idx = q.layer(self.qname)
-            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname),
-                                    q.layer_weight_fp(self.qname), q.layer_rows(self.qname))
+            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -296,10 +274,6 @@ class QMatmul(_Quantizable):
             return jnp.einsum(self.spec, a.astype(self.dtype), b.astype(self.dtype))
         state, idx = q.layer(self.qname)
         mix = q.layer_mix(self.qname)
-        rows = q.layer_rows(self.qname)
-        aq = _quantize_activation(a, state["a_scale"], state["a_zero"], idx, q, mix,
-                                  rows=None if rows is None else (rows["grid"], rows["a"], None))
-        bq = _quantize_activation(b, state["b_scale"], state["b_zero"], idx, q, mix,
-                                  rows=None if rows is None else (rows["grid"], rows["b"], None))
-        aq, bq = aq.astype(self.dtype), bq.astype(self.dtype)
+        aq = _quantize_activation(a, state["a_scale"], state["a_zero"], idx, q, mix).astype(self.dtype)
+        bq = _quantize_activation(b, state["b_scale"], state["b_zero"], idx, q, mix).astype(self.dtype)
         return jnp.einsum(self.spec, aq, bq)

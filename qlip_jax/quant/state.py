@@ -119,15 +119,6 @@ class QuantArgs:
         ``[S, K]`` tables are read at row ``step``). A scalar is broadcast to every row.
       quantized_only: static promise that no row uses the full-precision candidate, so weight layers
         skip the float/quantized weight select (a smaller graph, e.g. for reconstruction training).
-      weight_fp: optional ``{layer_name: bool []}``: the layer runs with float weights (True) or
-        quantized ones for the whole batch, one op; set by
-        :func:`qlip_jax.quant.prepare.apply_by_weight_variant`, which keeps only the rows whose own
-        candidate agrees. None: each weight layer decides from ``idx`` (two ops behind a ``lax.cond``
-        when its rows disagree).
-      rows: optional ``{layer_name: {operand: (scale [B], zp [B]), "grid": (use_float, lo, hi) [B]}}``:
-        each row's activation quantizer, gathered for every layer at once by
-        :func:`qlip_jax.quant.prepare.prepare_rows` (the same values the layer would look up from
-        ``state`` and ``idx``, in a few ops instead of a dozen per layer).
     """
 
     state: dict[str, dict[str, jax.Array]]
@@ -136,8 +127,6 @@ class QuantArgs:
     mix: dict[str, jax.Array] | None = None
     step: jax.Array | None = None
     quantized_only: bool = flax.struct.field(pytree_node=False, default=False)
-    weight_fp: dict[str, jax.Array] | None = None
-    rows: dict[str, dict] | None = None
 
     @classmethod
     def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
@@ -169,14 +158,6 @@ class QuantArgs:
         return cls(state=state, idx={n: idx[:, l] for l, n in enumerate(layer_names)}, config=config,
                    mix={n: mix[:, l] for l, n in enumerate(layer_names)}, step=_rows(step, mix.shape[0]),
                    quantized_only=True)
-
-    def layer_weight_fp(self, name: str) -> jax.Array | None:
-        """Scalar bool: float weights at this layer for the whole batch (see ``weight_fp``), or None."""
-        return None if self.weight_fp is None else self.weight_fp[name]
-
-    def layer_rows(self, name: str) -> dict | None:
-        """Precomputed per-row activation quantizers of a layer (see ``rows``), or None."""
-        return None if self.rows is None else self.rows[name]
 
     def layer_mix(self, name: str) -> jax.Array | None:
         """``[B, K]`` straight-through weights of a layer, or None."""

@@ -16,8 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qlip_jax.quant.prepare import apply_quantized
-
 Array = jax.Array
 
 
@@ -48,12 +46,7 @@ def guided_output(unet, unet_params, x: Array, t, cond: Array, uncond: Array, sc
     for the doubled batch ``[2B]`` (unconditional half first); ``rescale`` as in :func:`combine`.
     """
     t = jnp.asarray(t)
-
-    def apply(qq):
-        return unet.apply({"params": unet_params}, jnp.concatenate([x, x]),
-                          t if t.ndim == 0 else jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]), qq)
-
-    # quantized: per-row quantizers looked up once, one UNet per float-weight pattern (a small program)
-    out = apply(None) if q is None else apply_quantized(apply, q)
+    out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]),
+                     t if t.ndim == 0 else jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]), q)
     out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
     return combine(out_u, out_c, scale, rescale)
