@@ -1,11 +1,10 @@
-"""Where the quantized sampler's compile time goes: the float and the quantized sampling loop (and,
-with ``--unet``, the guided UNet call alone, prepared or through the layers' own path), lowered and
-compiled in one process with no persistent cache; StableHLO op counts, XLA fusions, seconds.
+"""Where the quantized sampler's compile time goes: the float and the quantized sampling loop, lowered
+and compiled in one process with no persistent cache; StableHLO op counts, XLA fusions, seconds.
 
-    python benchmarks/compile_anatomy.py [--model tiny|DIR] [--steps 25] [--batch 1] [--unet]
+    python benchmarks/compile_anatomy.py [--model tiny|DIR] [--steps 25] [--batch 1]
 
 Without ``--model`` the shipped model and its quantizer state; ``tiny`` a random tiny-preset SD with
-min-max quantizers. The numbers in docs/speed.md come from this script (and its ``--unet`` rows).
+min-max quantizers. The sampler rows in docs/speed.md come from this script.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--unet", action="store_true", help="also the guided UNet call alone, prepared vs not")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -54,8 +52,7 @@ def main(argv=None) -> int:
     from qlip_jax.models.sd import load_stable_diffusion
     from qlip_jax.quant.calibration import calibrate_minmax
     from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
-    from qlip_jax.quant.state import QuantArgs, QuantConfig
-    from qlip_jax.sampling import guidance
+    from qlip_jax.quant.state import QuantConfig
     from qlip_jax.sampling.pipeline import Text2Image
 
     folder = _tiny_model_dir() if args.model == "tiny" else (args.model or default_model_dir())
@@ -75,19 +72,6 @@ def main(argv=None) -> int:
     measure("sampler, float", lambda: fp._sample.lower(fp._params(), emb.cond, unc, seeds, None, None, g))
     sched = jnp.asarray(q.uniform_schedule(args.batch, 8))
     measure("sampler, quantized", lambda: q._sample.lower(q._params(), emb.cond, unc, seeds, sched, None, g))
-    if args.unet:
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, *fp.latent_shape)), jnp.float32)
-        idx = jnp.ones((2 * args.batch, len(quant.registry)), jnp.int32)
-        prepared = guidance.apply_quantized
-        for name in ("float", "quantized, prepared", "quantized, layers' own path"):
-            guidance.apply_quantized = (lambda fn, qq: fn(qq)) if "own" in name else prepared
-
-            def run(params, state, i, quantized=name != "float"):  # a new function each: no shared jit cache
-                qq = QuantArgs.from_indices(state, i, quant.registry.names, quant.config) if quantized else None
-                return guidance.guided_output(fp.unet, params, x, 500, emb.cond, unc, 3.0, qq)
-
-            measure(f"UNet call, {name}", lambda: jax.jit(run).lower(sd.params["unet"], quant.state, idx))
-        guidance.apply_quantized = prepared
     return 0
 
 
