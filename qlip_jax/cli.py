@@ -161,16 +161,17 @@ def cmd_sample(args) -> int:
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir())
-    pipe = Text2Image(sd, args.scheduler, args.steps)
+    inv = {"batch_invariant": args.batch_invariant}
+    pipe = Text2Image(sd, args.scheduler, args.steps, **inv)
     selector = None
     if kind == "qlip":
         try:
             selector = Selector.load(selector_dir, sd)
         except QuantStateMismatch as e:
             raise SystemExit(f"error: the selector in {selector_dir} does not belong to this model: {e}") from None
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=selector.quant)
+        pipe = Text2Image(sd, args.scheduler, args.steps, quant=selector.quant, **inv)
     elif kind != "fp":
-        pipe = Text2Image(sd, args.scheduler, args.steps, quant=_quantizer(sd, pipe, args, kind, value))
+        pipe = Text2Image(sd, args.scheduler, args.steps, quant=_quantizer(sd, pipe, args, kind, value), **inv)
     print(f"[qlip] model loaded in {time.time() - t0:.1f}s; sampling {len(args.prompt)} prompt(s), "
           f"{pipe.num_steps} steps ({args.scheduler}), precision {args.precision} ...", file=sys.stderr)
     emb = pipe.encode(args.prompt)
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidate activation bits a .npy schedule indexes")
     s.add_argument("--calib-prompts", type=int, default=16,
                    help="calibration prompts for min-max quantizer ranges (quantized precisions)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
+                        "prompts (slower when batching helps)")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_sample)
