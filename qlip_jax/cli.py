@@ -116,7 +116,7 @@ def _quantizer(sd, pipe, args, kind: str, value):
 
     fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"])
     if args.quant:
-        setup, _ = load_quant_setup(_require_quant(args.quant), fingerprint)
+        setup, _ = load_quant_setup(_require_quant(args.quant), fingerprint, sd.params["unet"])
         if kind == "uniform" and not serves(setup.config):
             raise SystemExit(f"error: the quantizer in {args.quant} is W{setup.config.weight_bits}"
                              f"A{list(setup.config.act_bits)}; it has no W{wbits}A{value[1]}")
@@ -124,7 +124,7 @@ def _quantizer(sd, pipe, args, kind: str, value):
     shipped = shipped_quant_dir()
     if os.path.isdir(shipped):
         try:
-            setup, info = load_quant_setup(shipped, fingerprint)
+            setup, info = load_quant_setup(shipped, fingerprint, sd.params["unet"])
         except QuantStateMismatch:
             print("[qlip] note: the shipped quantizer state belongs to the embedded model, not this one",
                   file=sys.stderr)

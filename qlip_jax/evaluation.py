@@ -122,7 +122,7 @@ def load_methods(sd, quant_dirs=(), selector_dirs=(), settings=None) -> list[Met
     taken = {"FP"}
     fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"]) if quant_dirs else None
     for folder in quant_dirs:
-        setup, info = load_quant_setup(folder, fingerprint)
+        setup, info = load_quant_setup(folder, fingerprint, sd.params["unet"])
         cfg = setup.config
         base = str(info.get("method") or os.path.basename(os.path.normpath(folder)))
         widths = [a for a in cfg.act_bits if wanted is None or (cfg.weight_bits, a) in wanted]

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
     sd = load_stable_diffusion(args.model or default_model_dir())
-    quant, quant_info = load_quant_setup(args.quant, model_fingerprint(sd.configs.unet, sd.params["unet"]))
+    quant, quant_info = load_quant_setup(args.quant, model_fingerprint(sd.configs.unet, sd.params["unet"]),
+                                         sd.params["unet"])
     cfg = quant.config
     bits = tuple(args.bits) if args.bits else tuple(sorted(cfg.act_bits))[:3]
     if len(bits) != 3:

@@ -51,6 +51,7 @@ from qlip_jax.models.sd import StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.quant import ptqd
+from qlip_jax.quant.codes import add_weight_codes, has_codes
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
@@ -117,6 +118,11 @@ class Text2Image:
         self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
+        if quant is not None and quant.config.weight_bits <= 8 and not has_codes(quant.state):
+            # a hand-made state: give it its integer weight codes once, so no kernel is rounded at run time
+            quant = dataclasses.replace(quant, state=add_weight_codes(quant.state, sd.params["unet"],
+                                                                      quant.config.weight_bits)[0])
+            self.quant = quant
         self._ptqd = quant is not None and quant.ptqd is not None
         if self._ptqd:
             ptqd.check_sampler(quant.ptqd, self.sched)

@@ -98,8 +98,8 @@ class Selector:
             raise FileNotFoundError(f"no selector at {folder} (train one with train/train_selector.py)")
         with open(path) as f:
             meta = json.load(f)
-        quant, _ = load_quant_setup(os.path.join(folder, "quant"), model_fingerprint(sd.configs.unet,
-                                                                                    sd.params["unet"]))
+        quant, _ = load_quant_setup(os.path.join(folder, "quant"),
+                                    model_fingerprint(sd.configs.unet, sd.params["unet"]), sd.params["unet"])
         t2q = T2Q(hidden=meta["t2q"]["hidden"])
         q2b = Q2B(Q2BConfig(**meta["q2b"]))
         return cls(t2q, _load_tree(os.path.join(folder, "t2q.safetensors")), q2b,
