@@ -91,9 +91,11 @@ def test_weight_codes_fold_adaround_and_reject_soft_decisions():
         weight_codes(w, s, 16)
 
 
-def test_shipped_quantizer_codes_equal_the_float64_formula():
+def test_shipped_quantizer_codes_equal_the_adaround_formula():
     """The shipped (old-format, qdiff) quantizer: converted on load, every code equals
-    ``clip(floor(W / s) + w_round)`` computed in float64 from the float kernel and its stored decision."""
+    ``clip(floor(W / s) + w_round)`` from the float kernel and its stored decision, the quotient the
+    correctly rounded float32 one (the float64 floor is one lower only where W / s is within half a
+    float32 ulp below an integer: the weight on a grid point, where AdaRound learned against n)."""
     from qlip_jax.assets import default_model_dir
     from qlip_jax.cli import shipped_quant_dir
     from qlip_jax.models.sd import load_stable_diffusion
@@ -107,9 +109,12 @@ def test_shipped_quantizer_codes_equal_the_float64_formula():
     for name, st in raw.items():
         if "w_scale" not in st:
             continue
-        w, s = np.asarray(layers[name]["kernel"], np.float64), np.asarray(st["w_scale"], np.float64)
+        w, s = np.asarray(layers[name]["kernel"], np.float32), np.asarray(st["w_scale"], np.float32)
         want = np.clip(np.floor(w / s) + np.asarray(st["w_round"]), -8, 7)
         np.testing.assert_array_equal(setup.state[name]["w_code"], want, err_msg=name)
+        f64 = np.floor(w.astype(np.float64) / s.astype(np.float64))
+        near = np.abs(w.astype(np.float64) / s - np.round(w.astype(np.float64) / s)) < 1e-6
+        assert np.all((f64 == np.floor(w / s)) | near), name
         assert "w_round" not in setup.state[name]
         total += w.size
     assert total > 5_000_000

@@ -78,7 +78,8 @@ def test_adaround_decision_is_folded_into_the_codes(calib, baselines, qdiff):
         assert np.all(np.abs(code - nearest) <= 1)
         changed += int(np.sum(code != nearest))
         total += kernel.size
-    assert 0 < changed <= qdiff.info["reconstruction"]["flipped_vs_nearest"] < total / 2, changed
+    flipped = qdiff.info["reconstruction"]["flipped_vs_nearest"]   # (counted on float32 quotients)
+    assert 0 < changed < total / 2 and abs(changed - flipped) <= 0.01 * flipped, (changed, flipped)
     name = qdiff.registry.layers[1].name
     st, kernel = qdiff.state[name], jnp.asarray(layers[name]["kernel"])
     bits = jnp.float32(CONFIG.weight_bits)

@@ -7,8 +7,11 @@ computed once, when calibration ends (or when an old quantizer folder is loaded)
 * round to nearest: ``clip(round(W / s), lo, hi)`` with ``W / s`` evaluated in float64 (for float32
   ``W`` and ``s`` the float64 quotient is close enough to the real one that rounding it, half to even as
   ``jnp.round``, gives the exact decision);
-* AdaRound (a ``w_round`` 0/1 decision in the state): ``clip(floor(W / s) + w_round, lo, hi)``, same
-  float64 floor; ``w_round`` is then dropped (folded into the codes).
+* AdaRound (a ``w_round`` 0/1 decision in the state): ``clip(floor(W / s) + w_round, lo, hi)`` with
+  ``W / s`` the correctly rounded float32 quotient (NumPy's IEEE division, backend-independent): the
+  decision was learned against float32 quotients, and where ``W / s`` lies within half a float32 ulp
+  below an integer ``n`` (the weight on a grid point) the float32 floor is ``n`` and the float64 floor
+  ``n - 1``, a whole step away from the weight. ``w_round`` is then dropped (folded into the codes).
 
 Before this, the codes were recomputed from the float kernel at every call as ``round(W / s)`` in
 float32, which XLA on CPU evaluates as ``W * (1 / s)``: a few codes landed one step off the formula,
@@ -40,23 +43,23 @@ def weight_codes(kernel, scale, bits: int, rounding=None) -> np.ndarray:
     """Exact integer codes ``int8`` of ``kernel [..., O]`` on the per-channel grid ``scale [O]``.
 
     ``rounding``: optional AdaRound decision (kernel-shaped, 0/1): ``floor(W / s) + rounding``
-    instead of round to nearest. Computed in float64 (see the module docstring).
+    instead of round to nearest. Round to nearest in float64, AdaRound's floor on the correctly rounded
+    float32 quotient (see the module docstring).
     """
     if int(bits) > 8:
         raise ValueError(f"integer weight codes are int8; weight_bits={bits} does not fit (use at most 8)")
-    w = np.asarray(kernel, np.float64)
-    s = np.asarray(scale, np.float64)
+    w = np.asarray(kernel, np.float32)
+    s = np.asarray(scale, np.float32)
     if s.shape != w.shape[-1:]:
         raise ValueError(f"weight scale must have shape [O={w.shape[-1]}], got {s.shape}")
-    ratio = w / s
     if rounding is None:
-        q = np.round(ratio)  # half to even, as jnp.round
+        q = np.round(w.astype(np.float64) / s.astype(np.float64))  # half to even, as jnp.round
     else:
         r = np.asarray(rounding)
         if r.shape != w.shape or not np.all((r == 0) | (r == 1)):
             raise ValueError("AdaRound decision w_round must be kernel-shaped with values 0 or 1 (a hard "
                              "decision; soft values exist only during reconstruction)")
-        q = np.floor(ratio) + r
+        q = np.floor(w / s).astype(np.float64) + r
     lo, hi = code_range(bits)
     return np.clip(q, lo, hi).astype(np.int8)
 
