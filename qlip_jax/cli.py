@@ -161,7 +161,7 @@ def cmd_sample(args) -> int:
     selector_dir = _require_selector(args.selector) if kind == "qlip" else None
     t0 = time.time()
     sd = load_stable_diffusion(args.model or default_model_dir())
-    inv = {"batch_invariant": args.batch_invariant, "int8": args.int8}
+    inv = {"batch_invariant": args.batch_invariant}
     pipe = Text2Image(sd, args.scheduler, args.steps, **inv)
     selector = None
     if kind == "qlip":
@@ -244,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
                         "prompts (slower when batching helps)")
-    s.add_argument("--int8", action="store_true",
-                   help="real int8 x int8 products (int32 accumulation) for candidates of at most 8 activation bits")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_sample)

@@ -90,20 +90,17 @@ class Text2Image:
       batch_invariant: sample (and encode) one prompt at a time so that a prompt's image is
         bit-identical whatever the batch size and companions (see the module docstring); slower where
         batching helps. Not combined with ``mesh``.
-      int8: run the quantized conv/linear layers of candidates with at most 8 activation bits as real
-        int8 x int8 products with int32 accumulation (``QuantArgs.int8``); same images up to float
-        rounding of the rescale. Off by default (not measured faster on CPU).
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
                  eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
-                 batch_invariant: bool = False, int8: bool = False):
+                 batch_invariant: bool = False):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         if batch_invariant and mesh is not None:
             raise ValueError("batch_invariant=True runs prompts one at a time and cannot shard the batch over "
                              "a mesh; pass either mesh= or batch_invariant=True")
-        self.batch_invariant, self.int8 = bool(batch_invariant), bool(int8)
+        self.batch_invariant = bool(batch_invariant)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         self.guidance_rescale = float(guidance_rescale)
@@ -306,7 +303,7 @@ class Text2Image:
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
-                                           self.quant.config, step=i, int8=self.int8)
+                                           self.quant.config, step=i)
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             g = guidance[i]
             eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,
