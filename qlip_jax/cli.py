@@ -125,7 +125,7 @@ def _quantizer(sd, args, kind: str, value):
 
     fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"])
     if args.quant:
-        setup, _ = load_quant_setup(_require_quant(args.quant), fingerprint)
+        setup, _ = load_quant_setup(_require_quant(args.quant), fingerprint, sd.params["unet"])
         if kind == "uniform" and not serves(setup.config):
             raise MismatchError(f"the quantizer in {args.quant} is W{setup.config.weight_bits}"
                                 f"A{list(setup.config.act_bits)}; it has no W{wbits}A{value[1]}",
@@ -134,7 +134,7 @@ def _quantizer(sd, args, kind: str, value):
     shipped = shipped_quant_dir()
     if os.path.isdir(shipped):
         try:
-            setup, info = load_quant_setup(shipped, fingerprint)
+            setup, info = load_quant_setup(shipped, fingerprint, sd.params["unet"])
         except QuantStateMismatch:
             print("[qlip] note: the shipped quantizer state belongs to the embedded model, not this one",
                   file=sys.stderr)
@@ -249,7 +249,7 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
         quant = selector.quant
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
-    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant)
+    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant, batch_invariant=args.batch_invariant)
     note = selector.steps_note(pipe.num_steps) if selector is not None else None
     if note:
         print(f"[qlip] {note}", file=sys.stderr)
@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidate activation bits a .npy schedule indexes")
     s.add_argument("--calib-prompts", type=int, default=16,
                    help="calibration prompts for min-max quantizer ranges (quantized precisions)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
+                        "prompts (slower when batching helps)")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     compile_cache.add_argument(s)

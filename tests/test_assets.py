@@ -44,7 +44,7 @@ def test_shipped_quantizer_and_selector_belong_to_the_shipped_model():
     from qlip_jax.cli import shipped_quant_dir
 
     quant, info = load_quant_setup(shipped_quant_dir(),
-                                   model_fingerprint(sd.configs.unet, sd.params["unet"]))
+                                   model_fingerprint(sd.configs.unet, sd.params["unet"]), sd.params["unet"])
     assert info["method"] == "qdiff" and quant.config.weight_bits == 4
     sel = Selector.load(os.path.join(ASSETS, "selector"), sd)
     assert same_setup(sel.quant, quant)          # the demo's uniform rows use the selector's quantizer

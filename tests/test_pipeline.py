@@ -231,3 +231,26 @@ def test_image_size_must_suit_both_downsamplings(tiny_sd):
     for height, width in ((side + f, side), (side, side + f)):
         with pytest.raises(ValueError, match=f"multiples of {m}"):
             Text2Image(tiny_sd, "ddim", 2, height=height, width=width)
+
+
+def test_batch_invariant_images_equal_across_batch_sizes(tiny_sd):
+    """``batch_invariant=True``: a prompt's image is bit-identical alone, in a batch of 3 and of 8 (other
+    companions, other seeds), in W4A8 and under a random schedule mixing every candidate (float rows
+    included); one compilation serves every batch size and schedule."""
+    fp = Text2Image(tiny_sd, "ddim", steps=3)
+    prompts = PROMPTS + ["a green triangle", "three stars", "a yellow circle", "a blue square"]
+    quant = calibrate_minmax(fp, QuantConfig(act_bits=(4, 8), weight_bits=4), PROMPTS[:2], [0, 1], guidance=3.0)
+    pipe = Text2Image(tiny_sd, "ddim", steps=3, quant=quant, batch_invariant=True)
+    rng = np.random.default_rng(0)
+    shape = (8, pipe.num_steps, len(quant.registry))
+    scheds = {"w4a8": pipe.uniform_schedule(8, 8), "random": rng.integers(0, 3, shape).astype(np.int32)}
+    emb = {n: pipe.encode(prompts[8 - n:]) for n in (1, 3, 8)}   # the last prompt is in every batch
+    for name, sched in scheds.items():
+        images = {n: pipe(emb[n], np.arange(8 - n, 8), 3.0, sched[8 - n:]) for n in (1, 3, 8)}
+        assert np.array_equal(images[1][0], images[3][-1]), name
+        assert np.array_equal(images[1][0], images[8][-1]), name
+        assert np.array_equal(images[3], images[8][-3:]), name
+    assert pipe.trace_count == 1
+    assert not np.array_equal(images[8][-1], pipe(emb[1], [7], 3.0, scheds["w4a8"][-1:])[0])
+    with pytest.raises(ValueError, match="mesh"):
+        Text2Image(tiny_sd, "ddim", steps=3, batch_invariant=True, mesh=object())

@@ -25,6 +25,10 @@ Split quantization (Q-Diffusion's shortcut splitting): layers whose input is the
 ``concat([hidden, skip])`` (their ``split`` field, see :func:`~qlip_jax.quant.registry.concat_splits`)
 get a second activation quantizer for the skip channels (``a_scale_skip, a_zero_skip`` and the
 channel index ``split``) under every method, unless ``split_concat=False``.
+
+Every method ends by computing the layers' integer weight codes ``w_code`` once, exactly (float64,
+AdaRound's ``w_round`` folded in; :mod:`qlip_jax.quant.codes`): the stored form of the quantized
+kernels, which the quantized layers read instead of rounding the float kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 
 from qlip_jax.models.unet import UNet2DConditionModel, unet_registry
 from qlip_jax.naming import flax_to_torch_path, modules_by_name
+from qlip_jax.quant.codes import add_weight_codes, strip_weight_codes
 from qlip_jax.quant.fake_quant import fake_quant, minmax_act_params, minmax_weight_scale
 from qlip_jax.quant.registry import Registry, concat_splits, init_quant_state
 from qlip_jax.quant.state import QuantConfig, QuantSetup
@@ -395,7 +400,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         if isinstance(init, QuantSetup):
             if init.config != config or init.registry != registry:
                 raise ValueError("qdiff init setup was calibrated for another quant config or model layout")
-            start = init.state
+            start = strip_weight_codes(init.state)   # reconstruction learns scales and rounding anew
             info["init"] = init.info.get("method", "given")
         elif init in ("minmax", "percentile", "mse", "tdq"):
             start = base(init, clip=clip)
@@ -405,7 +410,15 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         info["reconstruction"] = log
     else:
         state = base(method, **opts)
-    return QuantSetup(config, registry, state, info)
+    return QuantSetup(config, registry, with_codes(state, params, config), info)
+
+
+def with_codes(state: dict, unet_params: dict, config: QuantConfig) -> dict:
+    """The calibrated ``state`` with its integer weight codes (the stored form of the quantized kernels,
+    :mod:`qlip_jax.quant.codes`), when ``weight_bits`` fits int8."""
+    if config.weight_bits > 8:
+        return state
+    return add_weight_codes(state, unet_params, config.weight_bits)[0]
 
 
 def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_concat: bool, batch_size: int,
@@ -421,7 +434,7 @@ def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_conc
                                  config.quantize_attn_matmul)
         if init.config != config or init.registry != registry:
             raise ValueError("ptqd init setup was calibrated for another quant config or model layout")
-        base = init
+        base = dataclasses.replace(init, state=with_codes(init.state, pipe.sd.params["unet"], config))
     elif init in METHODS and init != "ptqd":
         base = calibrate(pipe, config, data, init, split_concat=split_concat, batch_size=batch_size,
                          progress=progress, **opts)

@@ -6,7 +6,8 @@ state and per-sample candidate index by its *registry name*, the PyTorch paramet
 its Flax module path (:func:`qlip_jax.naming.flax_to_torch_path`), and fake-quantizes
 
 * its input activation per tensor, asymmetric, with the scale of each sample's candidate, and
-* its kernel per output channel, symmetric, at ``QuantConfig.weight_bits``,
+* its kernel per output channel, symmetric, at ``QuantConfig.weight_bits`` (read as integer codes times
+  scales once calibrated, see :func:`quantize_weight`),
 
 before the float op. Params are stored in float32; ``dtype`` is the compute dtype (e.g. bfloat16 on
 TPU): inputs and kernels are cast to it after fake quantization.
@@ -116,11 +117,16 @@ def _skip_quantizer(state: dict) -> tuple[jax.Array, jax.Array, jax.Array] | Non
 
 
 def quantize_weight(kernel: jax.Array, state: dict, bits: jax.Array) -> jax.Array:
-    """Fake-quantized kernel: per output channel, symmetric, step ``state['w_scale'] [O]``.
+    """Quantized kernel: per output channel, symmetric, step ``state['w_scale'] [O]``.
 
-    Round to nearest, or, when the state holds an AdaRound decision ``w_round`` (kernel-shaped, 0/1 or,
-    during reconstruction, soft values in ``[0, 1]``), ``s * clip(floor(W / s) + w_round, lo, hi)``.
+    A calibrated state holds the integer codes ``w_code`` (int8, kernel-shaped, :mod:`qlip_jax.quant.codes`):
+    the kernel is ``w_code * w_scale`` and ``kernel`` is not read. During calibration (no codes yet) the
+    float kernel is fake-quantized: round to nearest, or, when the state holds an AdaRound decision
+    ``w_round`` (kernel-shaped, 0/1 or, during reconstruction, soft values in ``[0, 1]``),
+    ``s * clip(floor(W / s) + w_round, lo, hi)``.
     """
+    if "w_code" in state:
+        return state["w_code"].astype(jnp.float32) * state["w_scale"]
     if "w_round" in state:
         return adaround_fake_quant(kernel, state["w_scale"], state["w_round"], bits)
     return fake_quant(kernel, state["w_scale"], 0.0, bits, signed=True)

@@ -23,7 +23,17 @@ Only the UNet is quantized. The text encoder and the VAE run in float (the QLIP 
 reads the float text embedding, and BitOPs count the UNet).
 
 Randomness: prompt ``b`` draws its initial latents (and DDIM's eta noise) from ``seeds[b]`` alone, so
-its image does not depend on the rest of the batch.
+its image does not depend on the *content* of the rest of the batch.
+
+Batch invariance (``batch_invariant=True``). By default a prompt's image still depends on the batch
+*size*: XLA compiles a different program for each batch size (other blocking of convolutions and
+matmuls), so float results differ by ~1e-6 between sizes, and under quantization such differences cross
+rounding boundaries and grow over the steps (up to tens of uint8 levels). With ``batch_invariant=True``
+the sampler runs the compiled batch-1 program once per prompt (and :meth:`Text2Image.encode` encodes
+each prompt alone with the empty prompt): every prompt goes through the same executable whatever the
+batch size and companions, so its image is bit-identical to sampling it alone, and one compilation
+serves every batch size. (A ``while_loop`` over rows inside one jitted call gives the same images but
+compiles once per batch size.)
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from qlip_jax.models.sd import StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.quant import ptqd
+from qlip_jax.quant.codes import add_weight_codes, has_codes
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
@@ -89,12 +100,20 @@ class Text2Image:
         scheduler arithmetic, text encoder and VAE run in float32.
       guidance_rescale: ``phi`` in ``[0, 1]`` of :func:`qlip_jax.sampling.guidance.combine` (0: plain
         classifier-free guidance; Lin et al. suggest 0.7 for zero-terminal-SNR models).
+      batch_invariant: sample (and encode) one prompt at a time so that a prompt's image is
+        bit-identical whatever the batch size and companions (see the module docstring); slower where
+        batching helps. Not combined with ``mesh``.
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
-                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0):
+                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
+                 batch_invariant: bool = False):
         self.sd, self.quant, self.mesh = sd, quant, mesh
+        if batch_invariant and mesh is not None:
+            raise ValueError("batch_invariant=True runs prompts one at a time and cannot shard the batch over "
+                             "a mesh; pass either mesh= or batch_invariant=True")
+        self.batch_invariant = bool(batch_invariant)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         self.guidance_rescale = float(guidance_rescale)
@@ -112,6 +131,11 @@ class Text2Image:
         self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
+        if quant is not None and quant.config.weight_bits <= 8 and not has_codes(quant.state):
+            # a hand-made state: give it its integer weight codes once, so no kernel is rounded at run time
+            quant = dataclasses.replace(quant, state=add_weight_codes(quant.state, sd.params["unet"],
+                                                                      quant.config.weight_bits)[0])
+            self.quant = quant
         self._ptqd = quant is not None and quant.ptqd is not None
         if self._ptqd:
             ptqd.check_sampler(quant.ptqd, self.sched)
@@ -136,7 +160,8 @@ class Text2Image:
 
     # ------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> TextEmbeddings:
-        """Tokenize (pad/truncate to the context length) and encode prompts, in float."""
+        """Tokenize (pad/truncate to the context length) and encode prompts, in float (batch-invariant
+        sampler: each prompt in its own ``[prompt, ""]`` call, so its embedding ignores the batch)."""
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         length = self.sd.configs.text.max_position_embeddings
@@ -144,7 +169,13 @@ class Text2Image:
         ids = tok(list(prompts) + [""], padding="max_length", max_length=length, truncation=True,
                   return_tensors="np")["input_ids"]
         truncated = [len(x) > length for x in tok(list(prompts), truncation=False)["input_ids"]]
-        hidden, pooled = self._encode(self.sd.params["text_encoder"], jnp.asarray(ids))
+        params = self.sd.params["text_encoder"]
+        if self.batch_invariant:
+            parts = [self._encode(params, jnp.asarray(ids[[i, -1]])) for i in range(len(prompts))]
+            hidden = jnp.concatenate([h[:1] for h, _ in parts] + [parts[0][0][1:]])
+            pooled = jnp.concatenate([p[:1] for _, p in parts] + [parts[0][1][1:]])
+        else:
+            hidden, pooled = self._encode(params, jnp.asarray(ids))
         return TextEmbeddings(hidden[:-1], pooled[:-1], hidden[-1:], truncated)
 
     def guidance_scales(self, guidance) -> jax.Array:
@@ -220,8 +251,8 @@ class Text2Image:
             args = [None if a is None else _pad_rows(a, pad) for a in args]
             shard = NamedSharding(self.mesh, PartitionSpec("data"))
             args = [None if a is None else jax.device_put(a, shard) for a in args]
-        images, _ = self._sample(self._params(), *args, guidance)
-        return np.asarray(images)[:b]
+        images, _ = self._run(args, guidance)
+        return images[:b]
 
     def trajectory(self, emb: TextEmbeddings, seeds, guidance: float | np.ndarray = 7.5,
                    schedule: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -234,10 +265,9 @@ class Text2Image:
         seeds = seed_array(seeds, b)
         if schedule is not None:
             self.check_schedule(schedule, b)
-        images, traj = self._sample(self._params(), emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape),
-                                    jnp.asarray(seeds), None if schedule is None else jnp.asarray(schedule),
-                                    None, self.guidance_scales(guidance), keep_trajectory=True)
-        return np.asarray(images), np.asarray(traj)
+        args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
+                None if schedule is None else jnp.asarray(schedule), None]
+        return self._run(args, self.guidance_scales(guidance), keep_trajectory=True)
 
     def generate(self, prompts: list[str], seed: int = 0, guidance: float | np.ndarray = 7.5,
                  schedule: np.ndarray | None = None) -> np.ndarray:
@@ -253,6 +283,19 @@ class Text2Image:
         if self.mesh is not None:
             p = jax.device_put(p, NamedSharding(self.mesh, PartitionSpec()))
         return p
+
+    def _run(self, args: list, guidance: jax.Array, keep_trajectory: bool = False):
+        """The jitted sampling function on the batch ``args`` (``[B, ...]`` arrays or None, as
+        :meth:`_sample_impl`), or once per row (``batch_invariant``). Returns NumPy ``(images, latents
+        [T, B, ...] or None)``."""
+        params = self._params()
+        if not self.batch_invariant:
+            images, traj = self._sample(params, *args, guidance, keep_trajectory=keep_trajectory)
+            return np.asarray(images), None if traj is None else np.asarray(traj)
+        rows = [self._sample(params, *[None if a is None else a[i:i + 1] for a in args], guidance,
+                             keep_trajectory=keep_trajectory) for i in range(args[0].shape[0])]
+        images = np.concatenate([np.asarray(r[0]) for r in rows])
+        return images, (np.concatenate([np.asarray(r[1]) for r in rows], axis=1) if keep_trajectory else None)
 
     def _sample_impl(self, params, cond, uncond, seeds, schedule, init_latents, guidance,
                      keep_trajectory=False):

@@ -130,6 +130,6 @@ class Selector:
                           "restore the file or train the selector again") from e
         t2q_params = _load_tree(os.path.join(folder, "t2q.safetensors"))
         q2b_params = _load_tree(os.path.join(folder, "q2b.safetensors"))
-        quant, _ = load_quant_setup(os.path.join(folder, "quant"), fingerprint)
+        quant, _ = load_quant_setup(os.path.join(folder, "quant"), fingerprint, sd.params["unet"])
         return cls(T2Q(hidden=meta["t2q"]["hidden"]), t2q_params, Q2B(q2b_config), q2b_params, quant,
                    meta["pooling"], meta["info"])
