@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
-from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.unet import UNet2DConditionModel, default_attention_chunk
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
@@ -76,11 +76,14 @@ class Text2Image:
         scheduler arithmetic, text encoder and VAE run in float32.
       guidance_rescale: ``phi`` in ``[0, 1]`` of :func:`qlip_jax.sampling.guidance.combine` (0: plain
         classifier-free guidance; Lin et al. suggest 0.7 for zero-terminal-SNR models).
+      attention_chunk: query chunk of the UNet's attention (0: full; None: chunks of 1024 above 1024
+        latent tokens, :func:`~qlip_jax.models.unet.default_attention_chunk`); equal to float rounding.
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
-                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0):
+                 eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
+                 attention_chunk: int | None = None):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -96,7 +99,9 @@ class Text2Image:
             raise ValueError(f"image size {height}x{width} is not compatible with the model's "
                              f"downsampling factors: both sides must be multiples of {multiple}")
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
-        self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
+        if attention_chunk is None:
+            attention_chunk = default_attention_chunk(self.latent_shape[:2])
+        self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype, attention_chunk=attention_chunk)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
         self._ptqd = quant is not None and quant.ptqd is not None
