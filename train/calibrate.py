@@ -23,11 +23,13 @@ import os
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax.assets import default_model_dir
 from qlip_jax.data.scenes import prompt_set
 from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--out", required=True, help="directory for the orbax quantizer state")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--recon-batch", type=int, default=8, help="qdiff: calibration samples per reconstruction step")
+    add_memory_arguments(p, "prompts per calibration trajectory batch and samples per qdiff reconstruction "
+                            "micro-batch (gradient accumulation)")
     return p
 
 
@@ -72,16 +77,25 @@ def main(argv=None) -> int:
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
                          quantize_attn_matmul=args.attn_matmul)
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir())
-    pipe = Text2Image(sd, args.scheduler, args.steps)
+    dtype = jnp.dtype(args.dtype)
+    sd = load_stable_diffusion(args.model or default_model_dir(), unet_dtype=None if dtype.itemsize == 2 else np.float32)
+    pipe = Text2Image(sd, args.scheduler, args.steps, dtype=dtype, attention_chunk=args.attention_chunk)
+    settings = settings_from_args(args, steps=args.steps, act_bits=config.act_bits, weight_bits=args.weight_bits,
+                                  calib_prompts=len(prompts), recon_batch=args.recon_batch)
+    collect_mb = micro_batch_for(args, sd.configs, "calibration", settings, log=lambda m: print(m, file=sys.stderr))
     print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
           file=sys.stderr)
     data = collect_calibration_data(pipe, prompts, args.seed + np.arange(len(prompts)), args.guidance,
-                                    args.keep_steps)
+                                    args.keep_steps, micro_batch=collect_mb)
     print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
           f"A{config.act_bits} ...", file=sys.stderr)
+    recon = {}
+    if args.method == "qdiff" or (args.method == "ptqd" and args.init in (None, "qdiff")):
+        recon = {"batch": args.recon_batch, "remat": args.remat,
+                 "micro_batch": micro_batch_for(args, sd.configs, "reconstruction", settings,
+                                                log=lambda m: print(m, file=sys.stderr))}
     setup = calibrate(pipe, config, data, args.method, progress=True,
-                      **({} if args.init is None else {"init": args.init}))
+                      **({} if args.init is None else {"init": args.init}), **recon)
     meta = {"method": args.method, "init": setup.info.get("init"), "model": sd.folder,
             "scheduler": args.scheduler, "steps": args.steps,
             "guidance": args.guidance, "calibration_prompts": len(prompts), "keep_steps": args.keep_steps,

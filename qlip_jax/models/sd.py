@@ -46,8 +46,12 @@ class StableDiffusion:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiffusion:
-    """Load a diffusers-format SD folder. Errors name the missing part or offending file."""
+def load_stable_diffusion(folder: str, variant: str | None = None, unet_dtype=np.float32) -> StableDiffusion:
+    """Load a diffusers-format SD folder. Errors name the missing part or offending file.
+
+    ``unet_dtype``: dtype of the UNet params (None: as stored; programs computing in 16 bits pass None so
+    a float16 folder is not copied to float32). The VAE and text encoder, which run in float32, are
+    float32."""
     from qlip_jax.data.tokenizer import load_tokenizer
 
     if not os.path.isdir(folder):
@@ -57,7 +61,7 @@ def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiff
     if missing:
         raise FileNotFoundError(f"{folder} lacks component(s) {missing} (model_index.json + one "
                                 "sub-folder each are required)")
-    unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant)
+    unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant, unet_dtype)
     vae_cfg, vae = load_vae(os.path.join(folder, "vae"))
     text_cfg, text = load_text_encoder(os.path.join(folder, "text_encoder"))
     sched_cfg = SchedulerConfig.from_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
