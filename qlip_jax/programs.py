@@ -211,7 +211,7 @@ def micro_batch_for(args, configs: SDConfigs, program: str, settings: ProgramSet
     rows = rows_of(program, settings)
     if args.memory_budget is None:
         check_micro_batch(rows, args.micro_batch, f"{program} batch")
-        return args.micro_batch or rows
+        return min(args.micro_batch, rows) if args.micro_batch else rows
 
     def compile_at(mb):
         fn, fargs = program_steps(configs, settings.with_micro(program, mb), (program,))[program]
