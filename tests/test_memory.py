@@ -119,7 +119,9 @@ def test_remat_changes_no_gradient(unet_inputs):
 def _recon_setup(configs, params, micro_batch: int, remat: str = ""):
     """A one-step Q-Diffusion reconstruction step (block granularity, W8A4/A8) and its arguments."""
     from qlip_jax.models.unet import unet_registry
-    from qlip_jax.quant.reconstruction import ReconOptions, init_variables, make_recon_step, recon_optimizer
+    import optax
+
+    from qlip_jax.quant.reconstruction import ReconOptions, init_variables, make_recon_step
     from qlip_jax.quant.registry import init_quant_state
     from qlip_jax.quant.state import QuantConfig
 
@@ -128,7 +130,7 @@ def _recon_setup(configs, params, micro_batch: int, remat: str = ""):
     state = init_quant_state(params, reg, cfg)
     opts = ReconOptions(iters=10, batch=4, micro_batch=micro_batch, warmup=0.0, remat=remat)
     var = init_variables(state, params, reg, cfg, opts)
-    tx = recon_optimizer(var, opts)
+    tx = optax.sgd(1.0)   # the update is the gradient itself (Adam's first step would amplify rounding to +-lr)
     return make_recon_step(UNet2DConditionModel(configs.unet), cfg, reg.names, opts, tx), var, tx.init(var), state
 
 
@@ -147,11 +149,12 @@ def test_micro_batched_reconstruction_step_equals_full_batch(unet_inputs):
     for v1, _, rec1, reg1 in out[1:]:
         np.testing.assert_allclose(float(rec1), float(rec0), rtol=1e-5)
         np.testing.assert_allclose(float(reg1), float(reg0), rtol=1e-5)
-        moved = 0
-        for a, b, s in zip(jax.tree.leaves(v0), jax.tree.leaves(v1), jax.tree.leaves(var)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
-            moved += int(np.any(np.asarray(a) != np.asarray(s)))
-        assert moved > 0
+        d0 = [np.asarray(a) - np.asarray(s) for a, s in zip(jax.tree.leaves(v0), jax.tree.leaves(var))]
+        d1 = [np.asarray(b) - np.asarray(s) for b, s in zip(jax.tree.leaves(v1), jax.tree.leaves(var))]
+        scale = max(float(np.abs(d).max()) for d in d0)
+        assert scale > 0
+        for a, b in zip(d0, d1):
+            np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0)
 
 
 def test_micro_batched_q2b_step_equals_full_batch(unet_inputs):
@@ -174,7 +177,7 @@ def test_micro_batched_q2b_step_equals_full_batch(unet_inputs):
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, T)  # noqa: E731
     loss = make_q2b_loss(UNet2DConditionModel(configs.unet), quant, probs_fn, ste_onehot,
                          lambda probs: bit_penalty(probs, 1.0, 0.75) / (T * L), 0, 1, 2, 0.1)
-    tx = optax.adam(0.1)
+    tx = optax.sgd(1.0)   # the update is the gradient itself
     batch = {"q": jnp.array([0.2, 0.9, 0.5, 0.7]), "step": jnp.array([0, 1, 2, 1], jnp.int32),
              "t": jnp.array([900, 500, 100, 500]), "x_fp": jnp.concatenate([x, x[::-1]]),
              "x_hat": jnp.concatenate([x, x[::-1]]) * 1.1, "cond": jnp.concatenate([c, c]),
@@ -185,8 +188,12 @@ def test_micro_batched_q2b_step_equals_full_batch(unet_inputs):
     assert float(m0["mse"]) > 0
     for k in ("loss", "mse", "penalty"):
         np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    d0 = [np.asarray(a) - np.asarray(s) for a, s in zip(jax.tree.leaves(p0), jax.tree.leaves(q2b_params))]
+    d1 = [np.asarray(b) - np.asarray(s) for b, s in zip(jax.tree.leaves(p1), jax.tree.leaves(q2b_params))]
+    scale = max(float(np.abs(d).max()) for d in d0)
+    assert scale > 0
+    for a, b in zip(d0, d1):
+        np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0)
 
 
 def test_memory_budget_picks_a_micro_batch_that_fits(tmp_path):

@@ -101,6 +101,9 @@ class Text2Image:
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
         if attention_chunk is None:
             attention_chunk = default_attention_chunk(self.latent_shape[:2])
+        # the VAE decodes images one at a time where the UNet's attention is chunked (SD at 512x512:
+        # ~0.9 GiB of decoder activations per image); the embedded model decodes the batch at once
+        self.decode_one_by_one = attention_chunk > 0
         self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype, attention_chunk=attention_chunk)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
@@ -281,8 +284,10 @@ class Text2Image:
         state = schedulers.init_state(sched, latents)
         (latents, _), traj = jax.lax.scan(body, (latents, state), jnp.arange(self.num_steps))
         z = unscale_latents(self.sd.configs.vae, latents)
-        images = self.vae.apply({"params": params["vae"]}, z, method=self.vae.decode)
-        return to_uint8(images), traj
+        decode = lambda zz: to_uint8(self.vae.apply({"params": params["vae"]}, zz, method=self.vae.decode))  # noqa: E731
+        if self.decode_one_by_one:   # [B, ...] -> [B, 1, ...]: one image's VAE activations alive at a time
+            return jax.lax.map(decode, z[:, None])[:, 0], traj
+        return decode(z), traj
 
 
 def _pad_rows(a: jax.Array, pad: int) -> jax.Array:
