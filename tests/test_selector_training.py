@@ -17,7 +17,7 @@ from qlip_jax.quant.registry import average_act_bits
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector import Q2B, Q2BConfig, bit_penalty, hard_indices, ste_onehot
-from qlip_jax.selector.training import make_q2b_loss, make_q2b_step
+from qlip_jax.selector.training import make_q2b_loss, make_q2b_step, q2b_frozen
 
 CONFIG = QuantConfig(act_bits=(4, 6, 8), weight_bits=8)
 PROMPTS = ["a red star", "a large striped blue circle at the top left on a yellow background",
@@ -51,9 +51,8 @@ def _q2b(setup, lam):
     params = q2b.init(jax.random.key(0), jnp.zeros((1,)), cfg.num_steps)["params"]
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, cfg.num_steps)       # noqa: E731
     penalty_fn = lambda probs: bit_penalty(probs, 1.0, 6 / 8) / (cfg.num_steps * cfg.num_layers)  # noqa: E731
-    loss_fn = make_q2b_loss(qpipe.unet, qpipe.sd.params["unet"], quant, probs_fn, ste_onehot, penalty_fn,
-                            cfg.low, cfg.med, cfg.high, lam)
-    return params, probs_fn, loss_fn
+    loss = make_q2b_loss(qpipe.unet, quant, probs_fn, ste_onehot, penalty_fn, cfg.low, cfg.med, cfg.high, lam)
+    return params, probs_fn, loss, q2b_frozen(qpipe.sd.params["unet"], quant)
 
 
 def _train(setup, lam, iters, lr=0.2):
@@ -61,12 +60,12 @@ def _train(setup, lam, iters, lr=0.2):
     the params it starts from, so one more step reads it: one compiled program, nothing run op by op),
     and the average activation bits Q2B then assigns."""
     _, _, cfg, batch = setup
-    params, probs_fn, loss_fn = _q2b(setup, lam)
+    params, probs_fn, loss_fn, frozen = _q2b(setup, lam)
     tx = optax.adam(lr)
     step, opt = make_q2b_step(loss_fn, tx), tx.init(params)
     losses = []
     for i in range(iters + 1):
-        updated, opt, metrics = step(params, opt, batch)
+        updated, opt, metrics = step(params, opt, frozen, batch)
         losses.append(float(metrics["loss"]))
         params = updated if i < iters else params
     fab = float(np.mean(average_act_bits(hard_indices(probs_fn(params, batch["q"][::cfg.num_steps]), cfg),
@@ -75,8 +74,8 @@ def _train(setup, lam, iters, lr=0.2):
 
 
 def test_q2b_gradients_reach_every_parameter(setup):
-    params, _, loss_fn = _q2b(setup, 0.5)
-    grads = jax.jit(jax.grad(lambda p: loss_fn(p, setup[3])[0]))(params)
+    params, _, loss_fn, frozen = _q2b(setup, 0.5)
+    grads = jax.jit(jax.grad(lambda p, f, b: loss_fn(p, f, b)[0]))(params, frozen, setup[3])
     for name, g in grads.items():
         g = np.asarray(g)
         assert np.isfinite(g).all(), name
@@ -191,10 +190,10 @@ def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     params = q2b.init(jax.random.key(0), jnp.zeros((1,)), S)["params"]
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, S)                                   # noqa: E731
     unet, unet_params = qpipe.unet, qpipe.sd.params["unet"]
-    make = lambda setup_: make_q2b_loss(unet, unet_params, setup_, probs_fn, ste_onehot,   # noqa: E731
+    make = lambda setup_: make_q2b_loss(unet, setup_, probs_fn, ste_onehot,   # noqa: E731
                                         lambda probs: 0.0, cfg.low, cfg.med, cfg.high, 0.0)
-    _, plain = make(quant)(params, batch)
-    _, corrected = make(with_ptqd)(params, batch)
+    _, plain = make(quant)(params, q2b_frozen(unet_params, quant), batch)
+    _, corrected = make(with_ptqd)(params, q2b_frozen(unet_params, with_ptqd), batch)
 
     probs = probs_fn(params, batch["q"])
     p_t = probs[jnp.arange(probs.shape[0]), batch["step"]]

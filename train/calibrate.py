@@ -35,6 +35,7 @@ import os
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax import compile_cache
@@ -43,6 +44,7 @@ from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.sources import add_source_arguments, source_from_args
 from qlip_jax.errors import BadArgument, MismatchError, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
 from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, read_quant_info, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--out", required=True, help="directory for the orbax quantizer state")
     p.add_argument("--overwrite", action="store_true")
+    add_memory_arguments(p, "prompts per calibration trajectory batch and samples per qdiff reconstruction "
+                            "micro-batch (gradient accumulation)")
     compile_cache.add_argument(p)
     return p
 
@@ -118,13 +122,16 @@ def main(argv=None) -> int:
     config = QuantConfig(act_bits=tuple(args.act_bits), weight_bits=args.weight_bits,
                          quantize_attn_matmul=args.attn_matmul)
     t0 = time.time()
-    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
-    pipe = Text2Image(sd, args.scheduler, args.steps)
+    dtype = jnp.dtype(args.dtype)
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant,
+                               unet_dtype=None if dtype.itemsize == 2 else np.float32)
+    pipe = Text2Image(sd, args.scheduler, args.steps, dtype=dtype, attention_chunk=args.attention_chunk)
     opts = dict(recon)
     if args.init is not None:
         opts["init"] = args.init
     if args.init_from is not None:
-        base, base_info = load_quant_setup(args.init_from, model_fingerprint(sd.configs.unet, sd.params["unet"]))
+        base, base_info = load_quant_setup(args.init_from, model_fingerprint(sd.configs.unet, sd.params["unet"]),
+                                           sd.params["unet"])
         opts["init"] = dataclasses.replace(base, info={"method": base_info.get("method"), "folder": args.init_from})
         if opts["init"].config != config:
             got = opts["init"].config
@@ -133,12 +140,18 @@ def main(argv=None) -> int:
                                 f"W{config.weight_bits}A{list(config.act_bits)}"
                                 f"{' with' if config.quantize_attn_matmul else ' without'}",
                                 "pass the --act-bits, --weight-bits and --attn-matmul it was calibrated with")
+    settings = settings_from_args(args, steps=args.steps, act_bits=config.act_bits, weight_bits=args.weight_bits,
+                                  calib_prompts=len(prompts), recon_batch=recon.get("batch", 8))
+    collect_mb = micro_batch_for(args, sd.configs, "calibration", settings, log=lambda m: print(m, file=sys.stderr))
     print(f"[calibrate] float trajectories of {len(prompts)} prompts ({pipe.num_steps} steps) ...",
           file=sys.stderr)
     data = collect_calibration_data(pipe, prompts, args.seed + np.arange(len(prompts)), args.guidance,
-                                    args.keep_steps)
+                                    args.keep_steps, micro_batch=collect_mb)
     print(f"[calibrate] {len(data)} UNet inputs; method {args.method}, W{args.weight_bits}"
           f"A{config.act_bits} ...", file=sys.stderr)
+    if runs_qdiff:
+        opts.update(remat=args.remat, micro_batch=micro_batch_for(args, sd.configs, "reconstruction", settings,
+                                                                   log=lambda m: print(m, file=sys.stderr)))
     setup = calibrate(pipe, config, data, args.method, progress=True, **opts)
     meta = {"method": args.method, "init": setup.info.get("init"), "init_from": args.init_from,
             "recon": recon or None, "model": sd.folder,

@@ -37,7 +37,8 @@ from qlip_jax.models.configs import VAEConfig
 from qlip_jax.models.presets import preset
 from qlip_jax.models.sd import (SDConfigs, StableDiffusion, configs_from_dicts, init_params,
                                 load_stable_diffusion, save_stable_diffusion)
-from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.unet import UNet2DConditionModel, default_attention_chunk, default_remat
+from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
 from qlip_jax.models.vae import AutoencoderKL, encode_images
 from qlip_jax.sampling.grid import save_grid
 from qlip_jax.sampling.pipeline import Text2Image
@@ -200,7 +201,14 @@ class GridSampler:
 
 
 def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray, tokenizer, work: str):
-    unet, text = UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text)
+    latent_hw = latents.shape[1:3]
+    unet = UNet2DConditionModel(configs.unet, dtype=jnp.dtype(args.dtype),
+                                attention_chunk=(default_attention_chunk(latent_hw) if args.attention_chunk is None
+                                                 else args.attention_chunk),
+                                remat=default_remat(configs.unet) if args.remat is None else args.remat)
+    text = CLIPTextModel(configs.text)
+    settings = settings_from_args(args, pretrain_batch=args.batch)
+    micro = micro_batch_for(args, configs, "pretraining", settings, lambda m: print(m, file=sys.stderr))
     trainable = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(_schedule(args.lr, args.steps, 500), weight_decay=0.01))
@@ -215,7 +223,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     counts = scenes.train_object_counts(latents.shape[0]) if args.single_object_share is not None else None
     ac = jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32)
     step_fn = make_diffusion_step(unet, text, tx, ac, args.ema_decay, args.min_snr_gamma or None,
-                                  args.v_weighting, configs.scheduler.prediction_type)
+                                  args.v_weighting, configs.scheduler.prediction_type, micro)
     key = jax.random.key(args.seed + 1)
     length = configs.text.max_position_embeddings
     grid = GridSampler(configs, tokenizer, [r.text for r in scenes.prompt_set("eval")[:16]], args.guidance)
@@ -343,6 +351,7 @@ def main(argv=None) -> int:
                    help="which parts --init-from starts (e.g. 'vae' alone: a fresh UNet and text encoder "
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
+    add_memory_arguments(p, "latents per diffusion micro-batch (gradient accumulation)")
     compile_cache.add_argument(p)
     args = p.parse_args(argv)
     check_seed(args.seed, 2, uses="the diffusion stage draws from --seed + 1")

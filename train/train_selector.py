@@ -51,6 +51,8 @@ from qlip_jax.errors import (BadArgument, MismatchError, MissingFile, check_fini
                              check_sampling_args, program)
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.models.sd import load_stable_diffusion
+from qlip_jax.models.unet import default_remat
+from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
 from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits
 from qlip_jax.sampling.pipeline import Text2Image
@@ -58,7 +60,7 @@ from qlip_jax.selector.q2b import Q2B, Q2BConfig, bit_penalty, hard_indices, ste
 from qlip_jax.selector.quality import QUALITY_KINDS, QualityTargets, make_quality_fn, real_features
 from qlip_jax.selector.selector import Selector
 from qlip_jax.selector.t2q import T2Q, pearson, spearman
-from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step
+from qlip_jax.selector.training import fit_t2q, make_q2b_loss, make_q2b_step, q2b_frozen
 from qlip_jax.training import Checkpointer
 
 
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--label-batch", type=int, default=32, help="prompts per labelling trajectory batch")
+    add_memory_arguments(p, "prompts per labelling batch and rows per Q2B micro-batch (gradient accumulation)")
     compile_cache.add_argument(p)
     return p
 
@@ -229,7 +233,9 @@ def main(argv=None) -> int:
     compile_cache.from_args(args)
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
-    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant)
+    dtype = jnp.dtype(args.dtype)
+    sd = load_stable_diffusion(args.model or default_model_dir(), args.variant,
+                               unet_dtype=None if dtype.itemsize == 2 else np.float32)
     fingerprint = model_fingerprint(sd.configs.unet, sd.params["unet"])
     quant, quant_info = load_quant_setup(args.quant, fingerprint, sd.params["unet"])
     cfg = quant.config
@@ -238,9 +244,17 @@ def main(argv=None) -> int:
         raise MismatchError(f"Q2B needs three candidate widths, the quantizer in {args.quant} has {cfg.act_bits}",
                             "calibrate one with three --act-bits or pass --bits LOW MED HIGH")
     low, med, high = (cfg.index_of(b) for b in bits)
-    fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size)
-    q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant)
+    fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, dtype=dtype,
+                         attention_chunk=args.attention_chunk)
+    q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant, dtype=dtype,
+                        attention_chunk=args.attention_chunk)
     T, L = q_pipe.num_steps, len(quant.registry)
+    settings = settings_from_args(args, size=args.size, steps=args.steps, act_bits=cfg.act_bits,
+                                  weight_bits=cfg.weight_bits, label_batch=args.label_batch, q2b_batch=args.batch,
+                                  rows_per_prompt=args.rows_per_prompt)
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    label_batch = micro_batch_for(args, sd.configs, "t2q-labels", settings, say)
+    q2b_micro = micro_batch_for(args, sd.configs, "q2b", settings, say)
 
     # 1. labels
     quality_fn = quality_target(args, source)
@@ -252,11 +266,12 @@ def main(argv=None) -> int:
     tag = label_key(args, fingerprint, source)
     train_t, train_traj = label_with_trajectories(
         fp_pipe, train_recs, args.guidance, quality_fn, args.quality,
-        os.path.join(args.work, f"labels-train{len(train_recs)}-{tag}.npz"), desc="label train")
+        os.path.join(args.work, f"labels-train{len(train_recs)}-{tag}.npz"), desc="label train",
+        batch=label_batch)
     held_t, _ = label_with_trajectories(
         fp_pipe, held_recs, args.guidance, quality_fn, args.quality,
         os.path.join(args.work, f"labels-heldout{len(held_recs)}-{tag}.npz"),
-        bounds=(train_t.lo, train_t.hi), desc="label held-out")
+        bounds=(train_t.lo, train_t.hi), desc="label held-out", batch=label_batch)
 
     # 2. T2Q
     x_train = pooled_embedding(fp_pipe, train_t.texts, args.pooling)
@@ -285,15 +300,16 @@ def main(argv=None) -> int:
     macs = quant.registry.macs().astype(np.float64)
     weights = jnp.asarray(macs / macs.mean() if args.macs_weighted else np.ones(L), jnp.float32)
     penalty_fn = lambda probs: bit_penalty(probs, 1.0, bits[1] / bits[2], weights) / (T * L)
-    loss_fn = make_q2b_loss(q_pipe.unet, sd.params["unet"], quant, probs_fn, ste_onehot, penalty_fn,
-                            low, med, high, args.lambda_bit)
+    remat = default_remat(sd.configs.unet) if args.remat is None else args.remat
+    loss_fn = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, low, med, high,
+                            args.lambda_bit)
     tx = optax.adam(args.q2b_lr)
     state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
     ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"), tag)))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"[selector] Q2B resumed at iteration {int(state['step'])}", file=sys.stderr)
-    step_fn = make_q2b_step(loss_fn, tx)
+    step_fn = make_q2b_step(loss_fn, tx, q2b_micro)
     n_dev = args.devices or jax.device_count()
     mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("data",))
     rows_sharding, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
@@ -305,6 +321,7 @@ def main(argv=None) -> int:
                disable=args.quiet)
     metrics = {}
     params, opt = jax.device_put(state["params"], repl), jax.device_put(state["opt"], repl)
+    frozen = jax.device_put(q2b_frozen(sd.params["unet"], quant), repl)
     for it in bar:
         rng = np.random.default_rng([args.seed, it, 0x5E1])
         ids = rng.choice(len(train_recs), args.batch, replace=False)
@@ -325,7 +342,7 @@ def main(argv=None) -> int:
                      np.asarray(emb.uncond), (len(b_idx),) + emb.uncond.shape[1:]),
                  "guidance": np.full(len(b_idx), args.guidance, np.float32)}
         batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, rows_sharding)
-        params, opt, metrics = step_fn(params, opt, batch)
+        params, opt, metrics = step_fn(params, opt, frozen, batch)
         if (it + 1) % 10 == 0:
             bar.set_postfix(mse=f"{float(metrics['mse']):.4f}", pen=f"{float(metrics['penalty']):.3f}")
         if (it + 1) % args.ckpt_every == 0 or it + 1 in (args.q2b_steps, end):

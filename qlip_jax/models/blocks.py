@@ -93,6 +93,15 @@ class Attention(nn.Module):
     the input (``residual_connection=True``).
     QK^T and AV go through :class:`QMatmul` (named ``qk`` and ``av``), quantized only when the quant
     config asks for it. Softmax runs in float32 (diffusers' ``upcast_softmax``).
+
+    ``chunk > 0`` (static): memory-efficient attention. Queries are processed ``chunk`` at a time
+    (``lax.map`` over query chunks, each rematerialised in the backward pass), so the scores are
+    ``[B, heads, chunk, M]`` instead of ``[B, heads, N, M]``; every output row is computed exactly as
+    in the full product (softmax over all M keys), so the result equals full attention to float
+    rounding. The quantized products keep their semantics: their operands are fake-quantized element by
+    element with per-row (per-sample) parameters (:meth:`QMatmul.quantizers`), which chunking along the
+    queries does not change. A float pass that records calibration taps (``act_stats``/``act_samples``
+    mutable) runs the full product, so the recorded statistics are those of the whole tensors.
     """
 
     heads: int
@@ -101,6 +110,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     norm_groups: int | None = None
     dtype: Dtype = jnp.float32
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -116,14 +126,45 @@ class Attention(nn.Module):
         query = split(QDense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x, q))
         key = split(QDense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context, q))
         value = split(QDense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context, q))
-        scores = QMatmul("bqhd,bkhd->bhqk", dtype=self.dtype, name="qk")(query, key, q)
-        probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(self.dim_head), axis=-1)
-        out = QMatmul("bhqk,bkhd->bqhd", dtype=self.dtype, name="av")(probs.astype(self.dtype), value, q)
+        qk = QMatmul("bqhd,bkhd->bhqk", dtype=self.dtype, name="qk")
+        av = QMatmul("bhqk,bkhd->bqhd", dtype=self.dtype, name="av")
+        taps = q is None and (self.is_mutable_collection("act_stats") or self.is_mutable_collection("act_samples"))
+        if self.chunk and self.chunk < query.shape[1] and not taps:
+            out = chunked_attention(query, key, value, *qk.quantizers(q), *av.quantizers(q), self.chunk, self.dtype)
+        else:
+            scores = qk(query, key, q)
+            probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(self.dim_head), axis=-1)
+            out = av(probs.astype(self.dtype), value, q)
         out = out.reshape(out.shape[:2] + (inner,))
         out = QDense(self.out_dim, dtype=self.dtype, name="to_out_0")(out, q)
         if self.norm_groups is not None:
             out = out.reshape(shape) + residual
         return out
+
+
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array, qk_a, qk_b, av_a, av_b,
+                      chunk: int, dtype: Dtype) -> jax.Array:
+    """Attention ``softmax(Q K^T / sqrt(d)) V`` over query chunks of ``chunk`` rows.
+
+    ``query [B, N, h, d]``, ``key, value [B, M, h, d]`` -> ``[B, N, h, d]``. ``qk_a, qk_b, av_a, av_b``
+    are the element-wise operand maps of the two products (:meth:`QMatmul.quantizers`). ``N`` is padded
+    up to a multiple of ``chunk`` (padded rows are dropped). Each chunk is a ``jax.checkpoint``: the
+    backward pass recomputes its scores instead of storing ``[B, h, N, M]``.
+    """
+    b, n, h, d = query.shape
+    pad = -n % chunk
+    kq, vq = qk_b(key), av_b(value)
+    qs = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else query
+    qs = jnp.moveaxis(qs.reshape(b, (n + pad) // chunk, chunk, h, d), 1, 0)       # [n/c, B, c, h, d]
+
+    @jax.checkpoint
+    def one(qc):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qk_a(qc), kq)
+        probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(d), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", av_a(probs.astype(dtype)), vq)
+
+    out = jnp.moveaxis(jax.lax.map(one, qs), 0, 1).reshape(b, n + pad, h, d)
+    return out[:, :n] if pad else out
 
 
 class GEGLU(nn.Module):
@@ -159,12 +200,13 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention_chunk: int = 0  # query chunk of the attentions (0: full), see Attention.chunk
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, q: QuantArgs | None = None) -> jax.Array:
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)  # noqa: E731
         attn = lambda name: Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype,  # noqa: E731
-                                      name=name)
+                                      chunk=self.attention_chunk, name=name)
         x = x + attn("attn1")(norm_fp32(ln("norm1"), x, self.dtype), None, q)
         x = x + attn("attn2")(norm_fp32(ln("norm2"), x, self.dtype), context, q)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(norm_fp32(ln("norm3"), x, self.dtype), q)
@@ -184,6 +226,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     use_linear_projection: bool = False
     dtype: Dtype = jnp.float32
+    attention_chunk: int = 0  # query chunk of the attentions (0: full), see Attention.chunk
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, q: QuantArgs | None = None) -> jax.Array:
@@ -197,6 +240,7 @@ class Transformer2DModel(nn.Module):
             h = QConv(inner, (1, 1), dtype=self.dtype, name="proj_in")(h, q).reshape(b, hgt * wid, inner)
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.heads, self.dim_head, dtype=self.dtype,
+                                      attention_chunk=self.attention_chunk,
                                       name=f"transformer_blocks_{i}")(h, context, q)
         if self.use_linear_projection:
             h = QDense(c, dtype=self.dtype, name="proj_out")(h, q).reshape(b, hgt, wid, c)

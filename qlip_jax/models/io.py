@@ -201,7 +201,8 @@ def _to_flax_layout(leaf: str, value: np.ndarray, expected: tuple[int, ...]) -> 
 
 
 def torch_to_flax(tensors: Mapping[str, np.ndarray], abstract_params: Mapping, *, prefix: str = "",
-                  ignore: Callable[[str], bool] = lambda k: False, source: str = "checkpoint") -> dict:
+                  ignore: Callable[[str], bool] = lambda k: False, source: str = "checkpoint",
+                  dtype=np.float32) -> dict:
     """Build a Flax param tree shaped like ``abstract_params`` from PyTorch-named tensors.
 
     Args:
@@ -211,6 +212,8 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], abstract_params: Mapping, *
       prefix: prepended to every PyTorch key (``'text_model.'`` for CLIP).
       ignore: predicate for checkpoint keys that are allowed to be left unused (buffers).
       source: file or folder name for error messages.
+      dtype: dtype of the returned arrays (None: as stored, e.g. float16 weights without a float32 copy
+        for 16-bit compute).
     Raises:
       WeightLoadError naming every missing or unexpected key and the first shape mismatch.
     """
@@ -233,7 +236,7 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], abstract_params: Mapping, *
         node = out
         for seg in path[:-1]:
             node = node.setdefault(seg, {})
-        node[path[-1]] = value.astype(np.float32)
+        node[path[-1]] = value if dtype is None else value.astype(dtype)
     return out
 
 

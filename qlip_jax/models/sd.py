@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax.atomic import atomic_dir
+from qlip_jax.errors import BadFile, MissingFile
 from qlip_jax.models import io
 from qlip_jax.models.clip import load_text_encoder, save_text_encoder
 from qlip_jax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
@@ -47,29 +48,34 @@ class StableDiffusion:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def load_stable_diffusion(folder: str, variant: str | None = None) -> StableDiffusion:
+def load_stable_diffusion(folder: str, variant: str | None = None, unet_dtype=np.float32) -> StableDiffusion:
     """Load a diffusers-format SD folder. Errors name the missing part or offending file.
 
     ``variant`` (e.g. ``'fp16'``) reads every component's ``<weights>.<variant>.safetensors``; a
     component without them falls back to its plain files with a warning (as diffusers does), and a
     folder with no variant file at all is refused. Other pipeline entries of ``model_index.json``
-    (``safety_checker``, ``feature_extractor``, ...) are ignored."""
+    (``safety_checker``, ``feature_extractor``, ...) are ignored.
+
+    ``unet_dtype``: dtype of the UNet params (None: as stored; programs computing in 16 bits pass None so
+    a float16 folder is not copied to float32). The VAE and text encoder, which run in float32, are
+    float32."""
     from qlip_jax.data.tokenizer import load_tokenizer
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder not found: {folder}")
+        raise MissingFile(folder, f"model folder not found: {folder}",
+                          "pass a diffusers-format Stable Diffusion folder")
     index = io.read_json(os.path.join(folder, "model_index.json"))
     missing = [c for c in COMPONENTS if c not in index or not os.path.isdir(os.path.join(folder, c))]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks component(s) {missing} (model_index.json + one "
-                                "sub-folder each are required)")
+        raise BadFile(folder, f"lacks component(s) {missing}",
+                      "a diffusers SD folder needs model_index.json and one sub-folder per component")
     stems = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
     if variant and not any(variant in io.variants_present(os.path.join(folder, c), s)
                            for c, s in stems.items()):
-        raise FileNotFoundError(f"{folder}: no component has '{variant}' variant files (e.g. "
-                                f"unet/diffusion_pytorch_model.{variant}.safetensors); drop the variant "
-                                "(--variant) to load the plain files")
-    unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant)
+        raise MissingFile(folder, f"{folder}: no component has '{variant}' variant files (e.g. "
+                          f"unet/diffusion_pytorch_model.{variant}.safetensors)",
+                          "drop the variant (--variant) to load the plain files")
+    unet_cfg, unet = load_unet(os.path.join(folder, "unet"), variant, unet_dtype)
     vae_cfg, vae = load_vae(os.path.join(folder, "vae"), variant)
     text_cfg, text = load_text_encoder(os.path.join(folder, "text_encoder"), variant)
     sched_cfg = SchedulerConfig.from_json(os.path.join(folder, "scheduler", "scheduler_config.json"))

@@ -66,6 +66,7 @@ class _Block(nn.Module):
     depth: int
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    attention_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, temb, context, skips=None, q: QuantArgs | None = None):
@@ -79,8 +80,8 @@ class _Block(nn.Module):
                               split=split, name=f"resnets_{j}")(x, temb, q)
             if self.cross_attn:
                 x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.depth,
-                                       cfg.norm_num_groups, cfg.use_linear_projection,
-                                       dtype=self.dtype, name=f"attentions_{j}")(x, context, q)
+                                       cfg.norm_num_groups, cfg.use_linear_projection, dtype=self.dtype,
+                                       attention_chunk=self.attention_chunk, name=f"attentions_{j}")(x, context, q)
             outputs.append(x)
         if self.resample and self.up:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, q)
@@ -95,10 +96,21 @@ class UNet2DConditionModel(nn.Module):
     """``(sample [B, H, W, Cin], timesteps [B] or [], context [B, M, D], q) -> [B, H, W, Cout]``.
 
     ``H`` and ``W`` must be divisible by ``2 ** (len(block_out_channels) - 1)``.
+
+    Memory options (static; the same params and the same function, to float rounding):
+
+    * ``attention_chunk``: query chunk of every attention (0: full ``[B, heads, N, M]`` scores), see
+      :class:`~qlip_jax.models.blocks.Attention`.
+    * ``remat``: rematerialise every down/up block and the mid block in the backward pass
+      (``nn.remat``); the value names the ``jax.checkpoint_policies`` policy (``"nothing_saveable"``:
+      keep only each block's inputs; ``"dots_saveable"``: also the matmul/conv outputs). ``""``: off.
+      Only differentiated programs (pretraining, reconstruction, Q2B) are affected.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    attention_chunk: int = 0
+    remat: str = ""
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
@@ -110,6 +122,14 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"sample spatial size {sample.shape[1:3]} must be divisible by {factor}")
         heads, depths = cfg.heads(), cfg.transformer_layers()
         b = sample.shape[0]
+        block, mid_block = _Block, UNetMidBlock2DCrossAttn
+        if self.remat:
+            policy = getattr(jax.checkpoint_policies, self.remat, None)
+            if policy is None:
+                raise ValueError(f"remat policy '{self.remat}' is not one of jax.checkpoint_policies "
+                                 "(e.g. 'nothing_saveable', 'dots_saveable')")
+            block, mid_block = (nn.remat(c, policy=policy) for c in (_Block, UNetMidBlock2DCrossAttn))
+        chunk = self.attention_chunk
 
         # time embedding
         t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
@@ -123,22 +143,21 @@ class UNet2DConditionModel(nn.Module):
 
         skips = [x]
         for i, kind in enumerate(cfg.down_block_types):
-            x, outs = _Block(cfg.block_out_channels[i], cfg.layers_per_block,
-                             kind == "CrossAttnDownBlock2D", i < n - 1, False, heads[i], depths[i], cfg,
-                             dt, name=f"down_blocks_{i}")(x, temb, context, None, q)
+            x, outs = block(cfg.block_out_channels[i], cfg.layers_per_block,
+                            kind == "CrossAttnDownBlock2D", i < n - 1, False, heads[i], depths[i], cfg,
+                            dt, chunk, name=f"down_blocks_{i}")(x, temb, context, None, q)
             skips += outs
 
         if cfg.mid_block_type is not None:  # None: no mid block (BK-SDM)
-            x = UNetMidBlock2DCrossAttn(cfg, heads[-1], depths[-1], dt, name="mid_block")(
-                x, temb, context, q)
+            x = mid_block(cfg, heads[-1], depths[-1], dt, chunk, name="mid_block")(x, temb, context, q)
 
         rev_channels = cfg.block_out_channels[::-1]
         rev_heads, rev_depths = heads[::-1], depths[::-1]
         for i, kind in enumerate(cfg.up_block_types):
             k = cfg.layers_per_block + 1
             block_skips, skips = skips[-k:], skips[:-k]
-            x, _ = _Block(rev_channels[i], k, kind == "CrossAttnUpBlock2D", i < n - 1, True,
-                          rev_heads[i], rev_depths[i], cfg, dt, name=f"up_blocks_{i}")(
+            x, _ = block(rev_channels[i], k, kind == "CrossAttnUpBlock2D", i < n - 1, True,
+                         rev_heads[i], rev_depths[i], cfg, dt, chunk, name=f"up_blocks_{i}")(
                 x, temb, context, block_skips, q)
 
         x = norm_fp32(nn.GroupNorm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps,
@@ -168,6 +187,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     heads: int
     depth: int
     dtype: Dtype = jnp.float32
+    attention_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, temb, context, q: QuantArgs | None = None):
@@ -178,7 +198,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         x = res("resnets_0")(x, temb, q)
         x = Transformer2DModel(self.heads, c // self.heads, self.depth, cfg.norm_num_groups,
                                cfg.use_linear_projection, dtype=self.dtype,
-                               name="attentions_0")(x, context, q)
+                               attention_chunk=self.attention_chunk, name="attentions_0")(x, context, q)
         return res("resnets_1")(x, temb, q)
 
 
@@ -206,12 +226,35 @@ def abstract_unet_params(config: UNetConfig, context_dim: int | None = None) -> 
     return tree["params"]
 
 
-def load_unet(folder: str, variant: str | None = None) -> tuple[UNetConfig, dict]:
+#: Memory defaults: attention over more than 1024 tokens (SD v1 at 512x512 has 4096) is chunked into
+#: query chunks of this many rows ...
+ATTENTION_CHUNK = 256
+#: ... and rematerialise trained UNets whose widest level has at least this many channels (SD v1: 1280;
+#: the embedded model: 128).
+REMAT_CHANNELS = 512
+
+
+def default_attention_chunk(latent_hw: tuple[int, int]) -> int:
+    """Query chunk the programs use unless told otherwise: :data:`ATTENTION_CHUNK` when the largest
+    attention has more than 1024 tokens, else 0 (full attention: the embedded model is unchanged)."""
+    return ATTENTION_CHUNK if latent_hw[0] * latent_hw[1] > 1024 else 0
+
+
+def default_remat(config: UNetConfig) -> str:
+    """Remat policy of differentiated programs unless told otherwise: ``nothing_saveable`` for UNets
+    as wide as SD's (:data:`REMAT_CHANNELS`), off ("") for smaller ones."""
+    return "nothing_saveable" if max(config.block_out_channels) >= REMAT_CHANNELS else ""
+
+
+def load_unet(folder: str, variant: str | None = None, dtype=np.float32) -> tuple[UNetConfig, dict]:
     """Read a diffusers ``unet/`` folder (``config.json`` + safetensors) -> ``(config, params)``;
-    ``variant='fp16'`` reads ``diffusion_pytorch_model.fp16.safetensors``."""
+    ``variant='fp16'`` reads ``diffusion_pytorch_model.fp16.safetensors``.
+
+    ``dtype``: of the params (None: as stored, so a float16 folder served with 16-bit compute is never
+    copied to float32)."""
     config = UNetConfig.from_dict(io.read_json(f"{folder}/config.json"), source=f"{folder}/config.json")
     tensors = io.read_safetensors(folder, "diffusion_pytorch_model", variant)
-    return config, io.torch_to_flax(tensors, abstract_unet_params(config), source=folder)
+    return config, io.torch_to_flax(tensors, abstract_unet_params(config), source=folder, dtype=dtype)
 
 
 def save_unet(folder: str, config: UNetConfig, params: dict, dtype=np.float32) -> None:

@@ -77,12 +77,18 @@ class CalibrationData:
 
 
 def collect_calibration_data(pipe, prompts: list[str], seeds, guidance: float,
-                             num_steps_kept: int | None = None) -> CalibrationData:
+                             num_steps_kept: int | None = None, micro_batch: int | None = None) -> CalibrationData:
     """Run float sampling with ``pipe`` (a :class:`~qlip_jax.sampling.pipeline.Text2Image`) and keep
     the UNet inputs at ``num_steps_kept`` steps spread uniformly over the trajectory (all by default).
+
+    ``micro_batch``: sample this many prompts at a time (None: all at once). Each prompt's trajectory
+    depends on its own seed only, so the data are the same (to float rounding).
     """
     emb = pipe.encode(prompts)
-    _, traj = pipe.trajectory(emb, seeds, guidance)                   # [T, B, h, w, c]
+    seeds = np.broadcast_to(np.asarray(seeds), (len(prompts),))
+    mb = micro_batch or len(prompts)
+    traj = np.concatenate([pipe.trajectory(dataclasses.replace(emb, cond=emb.cond[i:i + mb]), seeds[i:i + mb],
+                                           guidance)[1] for i in range(0, len(prompts), mb)], axis=1)  # [T, B, ...]
     t_total = traj.shape[0]
     keep = np.arange(t_total) if num_steps_kept is None else np.unique(
         np.round(np.linspace(0, t_total - 1, num_steps_kept)).astype(int))

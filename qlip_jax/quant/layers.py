@@ -273,13 +273,25 @@ class QMatmul(_Quantizable):
 
     @nn.compact
     def __call__(self, a: jax.Array, b: jax.Array, q: QuantArgs | None = None) -> jax.Array:
+        if q is None:
+            self._record_range(a, "a")
+            self._record_range(b, "b")
+        fa, fb = self.quantizers(q)
+        return jnp.einsum(self.spec, fa(a), fb(b))
+
+    def quantizers(self, q: QuantArgs | None) -> tuple[Callable, Callable]:
+        """Pure functions ``(a -> a', b -> b')`` giving the operands as :meth:`__call__` multiplies them
+        (fake-quantized per row at its candidate, or only cast, then in the compute dtype). They act
+        element by element with per-row parameters, so applying them to slices of the operands along
+        any axis but the batch is the same as slicing the quantized operands (chunked attention).
+        No calibration taps are recorded."""
         if q is None or not q.config.quantize_attn_matmul:
-            if q is None:
-                self._record_range(a, "a")
-                self._record_range(b, "b")
-            return jnp.einsum(self.spec, a.astype(self.dtype), b.astype(self.dtype))
+            cast = lambda x: x.astype(self.dtype)  # noqa: E731
+            return cast, cast
         state, idx = q.layer(self.qname)
         mix = q.layer_mix(self.qname)
-        aq = _quantize_activation(a, state["a_scale"], state["a_zero"], idx, q, mix).astype(self.dtype)
-        bq = _quantize_activation(b, state["b_scale"], state["b_zero"], idx, q, mix).astype(self.dtype)
-        return jnp.einsum(self.spec, aq, bq)
+        fa = lambda x: _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q,  # noqa: E731
+                                            mix).astype(self.dtype)
+        fb = lambda x: _quantize_activation(x, state["b_scale"], state["b_zero"], idx, q,  # noqa: E731
+                                            mix).astype(self.dtype)
+        return fa, fb

@@ -83,6 +83,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from qlip_jax.memory import accumulate_value_and_grad, check_micro_batch
 from qlip_jax.naming import modules_by_name
 from qlip_jax.quant.fake_quant import (ADAROUND_GAMMA, ADAROUND_ZETA, adaround_regularizer,
                                       rectified_sigmoid)
@@ -111,6 +112,11 @@ class ReconOptions:
       seed: minibatch sampling seed.
       log_every: print the losses every this many steps (0: silent).
       progress: show a progress bar over the steps (stderr).
+      micro_batch: accumulate each step's gradient over micro-batches of this many samples (0: the
+        whole ``batch`` at once); the same step to float rounding, with a micro-batch's activations.
+      remat: rematerialise the quantized UNet's blocks in the backward pass (a
+        ``jax.checkpoint_policies`` name, see :class:`~qlip_jax.models.unet.UNet2DConditionModel`;
+        "" off, None: by the model's size, :func:`~qlip_jax.models.unet.default_remat`).
     """
 
     iters: int = 500
@@ -127,12 +133,16 @@ class ReconOptions:
     seed: int = 0
     log_every: int = 0
     progress: bool = False
+    micro_batch: int = 0
+    remat: str | None = None
 
     def __post_init__(self):
         if self.granularity not in ("block", "output"):
             raise ValueError(f"granularity must be 'block' or 'output', got '{self.granularity}'")
         if self.iters < 1 or self.batch < 1:
             raise ValueError("iters and batch must be positive")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: the whole batch), got {self.micro_batch}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
 
@@ -171,6 +181,23 @@ def init_variables(state: dict, params: dict, registry: Registry, config: QuantC
     return {"v": v, "u": u}
 
 
+def abstract_variables(state: dict, params: dict, registry: Registry, config: QuantConfig,
+                       opts: ReconOptions) -> dict:
+    """The shapes (``ShapeDtypeStruct``s) of :func:`init_variables`' tree, from abstract or concrete
+    ``state``/``params`` (nothing computed: for lowering a step without weights)."""
+    f32 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)  # noqa: E731
+    layers = modules_by_name(params)
+    v, u = {}, {}
+    for info in registry.layers:
+        st = state[info.name]
+        keys = ("a_scale", "b_scale") if info.kind == "matmul" else LSQ_KEYS
+        if info.kind != "matmul" and opts.learn_weights:
+            v[info.name] = f32(layers[info.name]["kernel"])
+        if opts.learn_act and (info.kind != "matmul" or config.quantize_attn_matmul):
+            u[info.name] = {k: f32(st[k]) for k in keys if k in st}
+    return {"v": v, "u": u}
+
+
 def apply_variables(state: dict, variables: dict, hard: bool = False) -> dict:
     """The quantizer state the variables describe: scaled step sizes, and ``w_round`` soft ``h(V)``
     (``hard=False``) or the int8 decision ``V >= 0``."""
@@ -197,14 +224,18 @@ def _unit_types() -> tuple[type, ...]:
     return (ResnetBlock2D, Transformer2DModel, Upsample2D, Downsample2D, TimestepEmbedding)
 
 
-def _block_interceptor(mode: str, record: dict, errors: list, tile: int = 1):
+#: Collection the replay pass sows each unit's error into.
+ERRORS = "recon_errors"
+
+
+def _block_interceptor(mode: str, record: dict, tile: int = 1):
     """Flax interceptor for block-wise reconstruction.
 
     ``mode="record"``: run normally, storing every unit's ``(args, kwargs, output)`` by module path.
     ``mode="replay"``: run every unit on its recorded float arguments (tiled ``tile`` times along the
-    batch; only the :class:`QuantArgs` argument is the live one), append its per-sample summed
-    squared error to ``errors`` and return the recorded float output, so the next unit also starts
-    from float values. A unit is a block of :func:`_unit_types` or a quantized layer outside any.
+    batch; only the :class:`QuantArgs` argument is the live one), sow its per-sample summed squared
+    error into the :data:`ERRORS` collection and return the recorded float output, so the next unit
+    also starts from float values. A unit is a block of :func:`_unit_types` or a quantized layer outside any.
     """
     units = _unit_types()
     depth = [0]
@@ -240,7 +271,9 @@ def _block_interceptor(mode: str, record: dict, errors: list, tile: int = 1):
         finally:
             depth[0] -= 1
         target = jax.lax.stop_gradient(rep(fp_out))
-        errors.append(jnp.sum((out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2))
+        err = jnp.sum((out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
+        # sown, not appended: a unit inside a rematerialised block runs in an inner trace
+        mod.sow(ERRORS, "error", err)
         return target
 
     return interceptor
@@ -269,12 +302,55 @@ def reconstruction_loss(unet, params: dict, state: dict, variables: dict, config
         ref = jax.lax.stop_gradient(unet.apply(fp, x, t, c))
         out = unet.apply(fp, xs, ts, cs, q)
         return jnp.sum((out.astype(jnp.float32) - _tile(ref, kq).astype(jnp.float32)) ** 2) / b
-    record, errors = {}, []
-    with nn.intercept_methods(_block_interceptor("record", record, errors)):
-        unet.apply(fp, x, t, c)
-    with nn.intercept_methods(_block_interceptor("replay", record, errors, tile=kq)):
-        unet.apply(fp, xs, ts, cs, q)
-    return sum(errors) / b
+    record = {}
+    with nn.intercept_methods(_block_interceptor("record", record)):
+        unet.clone(remat="").apply(fp, x, t, c)        # float, not differentiated: nothing to remat
+    with nn.intercept_methods(_block_interceptor("replay", record, tile=kq)):
+        _, col = unet.apply(fp, xs, ts, cs, q, mutable=[ERRORS])
+    return sum(jax.tree.leaves(col[ERRORS]), jnp.float32(0.0)) / b
+
+
+def recon_optimizer(variables: dict, opts: ReconOptions) -> optax.GradientTransformation:
+    """Adam on the AdaRound variables ``v``, cosine-decayed Adam on the log step sizes ``u``."""
+    return optax.multi_transform(
+        {"v": optax.adam(opts.lr_weight),
+         "u": optax.adam(optax.cosine_decay_schedule(opts.lr_act, opts.iters))},
+        {"v": jax.tree.map(lambda _: "v", variables["v"]), "u": jax.tree.map(lambda _: "u", variables["u"])})
+
+
+def make_recon_step(unet, config: QuantConfig, names: tuple[str, ...], opts: ReconOptions,
+                    tx: optax.GradientTransformation):
+    """Jitted ``(var, opt_state, params, state, it, x, t, c, step) -> (var, opt_state, rec, reg)``.
+
+    The UNet ``params``, the starting quantizer ``state`` and the calibration rows ``x [B, h, w, c]``,
+    ``t [B]``, ``c [B, M, D]``, ``step [B]`` (or None) are arguments, never constants of the program.
+    With ``opts.micro_batch`` (a divisor of ``B``) the reconstruction gradient is accumulated over
+    ``B / micro_batch`` micro-batches (the loss is a mean over rows: the same step to float rounding);
+    ``opts.remat`` rematerialises ``unet``'s blocks (None: :func:`default_remat` of its config).
+    """
+    from qlip_jax.models.unet import default_remat
+
+    unet = unet.clone(remat=default_remat(unet.config) if opts.remat is None else opts.remat)
+
+    def rec_fn(var, frozen, rows):
+        x, t, c, step = rows
+        return reconstruction_loss(unet, frozen[0], frozen[1], var, config, names, x, t, c, step,
+                                   opts.granularity)
+
+    @jax.jit
+    def train_step(var, opt_state, params, state, it, x, t, c, step):
+        n = check_micro_batch(x.shape[0], opts.micro_batch, "reconstruction batch")
+        rec, g_rec = accumulate_value_and_grad(lambda v, rows: rec_fn(v, (params, state), rows), var,
+                                               (x, t, c, step), n)
+        beta, on = beta_schedule(it, opts)
+        reg_fn = lambda v: sum((adaround_regularizer(a, beta) for a in jax.tree.leaves(v["v"])),  # noqa: E731
+                               jnp.float32(0.0))
+        reg, g_reg = jax.value_and_grad(reg_fn)(var)
+        g = jax.tree.map(lambda a, b: a + on * opts.reg_weight * b, g_rec, g_reg)
+        updates, opt_state = tx.update(g, opt_state, var)
+        return optax.apply_updates(var, updates), opt_state, rec, reg
+
+    return train_step
 
 
 def reconstruct(unet, params: dict, registry: Registry, config: QuantConfig, state: dict, data,
@@ -287,24 +363,10 @@ def reconstruct(unet, params: dict, registry: Registry, config: QuantConfig, sta
     """
     names = registry.names
     variables = init_variables(state, params, registry, config, opts)
-    tx = optax.multi_transform(
-        {"v": optax.adam(opts.lr_weight),
-         "u": optax.adam(optax.cosine_decay_schedule(opts.lr_act, opts.iters))},
-        {"v": jax.tree.map(lambda _: "v", variables["v"]), "u": jax.tree.map(lambda _: "u", variables["u"])})
+    tx = recon_optimizer(variables, opts)
     opt_state = tx.init(variables)
     has_tables = any(jnp.ndim(st[k]) == 2 for st in state.values() for k in LSQ_KEYS if k in st)
-
-    def loss_fn(var, it, x, t, c, step):
-        rec = reconstruction_loss(unet, params, state, var, config, names, x, t, c, step, opts.granularity)
-        beta, on = beta_schedule(it, opts)
-        reg = sum((adaround_regularizer(v, beta) for v in jax.tree.leaves(var["v"])), jnp.float32(0.0))
-        return rec + on * opts.reg_weight * reg, (rec, reg)
-
-    @jax.jit
-    def train_step(var, opt_state, it, x, t, c, step):
-        (_, (rec, reg)), g = jax.value_and_grad(loss_fn, has_aux=True)(var, it, x, t, c, step)
-        updates, opt_state = tx.update(g, opt_state, var)
-        return optax.apply_updates(var, updates), opt_state, rec, reg
+    train_step = make_recon_step(unet, config, names, opts, tx)
 
     n = len(data)
     bsz = min(opts.batch, n)
@@ -315,8 +377,8 @@ def reconstruct(unet, params: dict, registry: Registry, config: QuantConfig, sta
     t0 = time.time()
     for it in tqdm(range(opts.iters), desc="qdiff reconstruction", unit="step", disable=not opts.progress):
         sel = jnp.asarray(rng.choice(n, bsz, replace=False))
-        variables, opt_state, rec, reg = train_step(variables, opt_state, jnp.float32(it), lat[sel], ts[sel],
-                                                    ctx[sel], steps[sel] if has_tables else None)
+        variables, opt_state, rec, reg = train_step(variables, opt_state, params, state, jnp.float32(it),
+                                                    lat[sel], ts[sel], ctx[sel], steps[sel] if has_tables else None)
         rec_log.append(float(rec))
         reg_log.append(float(reg))
         if opts.log_every and (it % opts.log_every == 0 or it == opts.iters - 1):

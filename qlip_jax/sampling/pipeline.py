@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qlip_jax.errors import SEED_MAX, BadArgument
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
-from qlip_jax.models.unet import UNet2DConditionModel
+from qlip_jax.models.unet import UNet2DConditionModel, default_attention_chunk
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.quant import ptqd
 from qlip_jax.quant.codes import add_weight_codes, has_codes
@@ -103,12 +103,14 @@ class Text2Image:
       batch_invariant: sample (and encode) one prompt at a time so that a prompt's image is
         bit-identical whatever the batch size and companions (see the module docstring); slower where
         batching helps. Not combined with ``mesh``.
+      attention_chunk: query chunk of the UNet's attention (0: full; None: chunks of 1024 above 1024
+        latent tokens, :func:`~qlip_jax.models.unet.default_attention_chunk`); equal to float rounding.
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
                  eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, attention_chunk: int | None = None):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         if batch_invariant and mesh is not None:
             raise ValueError("batch_invariant=True runs prompts one at a time and cannot shard the batch over "
@@ -128,7 +130,12 @@ class Text2Image:
             raise ValueError(f"image size {height}x{width} is not compatible with the model's "
                              f"downsampling factors: both sides must be multiples of {multiple}")
         self.latent_shape = (height // factor, width // factor, cfg.unet.in_channels)
-        self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype)
+        if attention_chunk is None:
+            attention_chunk = default_attention_chunk(self.latent_shape[:2])
+        # the VAE decodes images one at a time where the UNet's attention is chunked (SD at 512x512:
+        # ~0.9 GiB of decoder activations per image); the embedded model decodes the batch at once
+        self.decode_one_by_one = attention_chunk > 0
+        self.unet = UNet2DConditionModel(cfg.unet, dtype=dtype, attention_chunk=attention_chunk)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
         if quant is not None and quant.config.weight_bits <= 8 and not has_codes(quant.state):
@@ -332,8 +339,10 @@ class Text2Image:
         state = schedulers.init_state(sched, latents)
         (latents, _), traj = jax.lax.scan(body, (latents, state), jnp.arange(self.num_steps))
         z = unscale_latents(self.sd.configs.vae, latents)
-        images = self.vae.apply({"params": params["vae"]}, z, method=self.vae.decode)
-        return to_uint8(images), traj
+        decode = lambda zz: to_uint8(self.vae.apply({"params": params["vae"]}, zz, method=self.vae.decode))  # noqa: E731
+        if self.decode_one_by_one:   # [B, ...] -> [B, 1, ...]: one image's VAE activations alive at a time
+            return jax.lax.map(decode, z[:, None])[:, 0], traj
+        return decode(z), traj
 
 
 def _pad_rows(a: jax.Array, pad: int) -> jax.Array:

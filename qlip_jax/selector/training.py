@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qlip_jax.memory import accumulate_value_and_grad, check_micro_batch
 from qlip_jax.quant import ptqd
 from qlip_jax.quant.state import QuantArgs
 from qlip_jax.sampling.guidance import guided_output
@@ -45,7 +46,7 @@ def fit_t2q(apply_fn: Callable, params, pooled: np.ndarray, target: np.ndarray, 
     x, y = jnp.asarray(pooled, jnp.float32), jnp.asarray(target, jnp.float32)
 
     @jax.jit
-    def step(params, opt, idx):
+    def step(params, opt, x, y, idx):
         loss, g = jax.value_and_grad(lambda p: jnp.mean((apply_fn(p, x[idx]) - y[idx]) ** 2))(params)
         updates, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, updates), opt, loss
@@ -53,7 +54,7 @@ def fit_t2q(apply_fn: Callable, params, pooled: np.ndarray, target: np.ndarray, 
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
-        params, opt, loss = step(params, opt, rng.integers(0, len(y), min(batch, len(y))))
+        params, opt, loss = step(params, opt, x, y, rng.integers(0, len(y), min(batch, len(y))))
         losses.append(float(loss))
     return params, np.asarray(losses)
 
@@ -64,35 +65,43 @@ def choice_to_candidates(w: jax.Array, low: int, med: int, high: int, num_quanti
     return w[..., 0:1] * eye[low] + w[..., 1:2] * eye[med] + w[..., 2:3] * eye[high]
 
 
-def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
-                  low: int, med: int, high: int, lambda_bit: float):
-    """``loss(q2b_params, batch) -> (loss, metrics)`` for one batch of rows.
+def q2b_frozen(unet_params, quant) -> dict:
+    """The frozen inputs of the Q2B loss, passed to the jitted step as an argument (never closed over):
+    ``{'unet': UNet params, 'quant': quantizer state, 'ptqd': PTQD correction or None}``."""
+    return {"unet": unet_params, "quant": quant.state, "ptqd": quant.ptqd}
 
+
+def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
+                  low: int, med: int, high: int, lambda_bit: float):
+    """``loss(q2b_params, frozen, batch) -> (loss, metrics)`` for one batch of rows.
+
+    ``frozen`` is :func:`q2b_frozen` (UNet params, quantizer state, PTQD tables; only ``quant``'s static
+    config, registry and whether it has a PTQD correction are read from ``quant`` here).
     ``batch``: ``q [B]`` (T2Q's prediction), ``step [B]`` (int step index), ``t [B]`` (its timestep),
     ``x_fp, x_hat [B, h, w, c]``, ``cond, uncond [B, M, D]``, ``guidance [B]``.
     ``probs_fn(params, q) -> [B, T, L, 3]``; ``ste_fn(probs) -> [.., 3]`` straight-through one-hot;
-    ``penalty_fn(probs) -> scalar`` the bit penalty.
+    ``penalty_fn(probs) -> scalar`` the bit penalty (a mean over the rows).
 
     With a PTQD base quantizer (``quant.ptqd``) the quantized output is corrected as the sampler
     corrects it (:func:`qlip_jax.quant.ptqd.correct_output`, the tables mixed by each row's MAC share
     per candidate, through the straight-through choice), so Q2B learns against what sampling runs.
     """
-    cfg, names, state = quant.config, quant.registry.names, quant.state
+    cfg, names = quant.config, quant.registry.names
     share = None if quant.ptqd is None else ptqd.mac_shares(quant.registry)
 
-    def loss_fn(params, batch):
+    def loss_fn(params, frozen, batch):
         probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
         rows = jnp.arange(probs.shape[0])
         p_t = probs[rows, batch["step"]]                                      # [B, L, 3]
         mix = choice_to_candidates(ste_fn(p_t), low, med, high, cfg.num_quantized)  # [B, L, K]
-        q = QuantArgs.from_mix(state, jnp.concatenate([mix, mix]), names, cfg,
+        q = QuantArgs.from_mix(frozen["quant"], jnp.concatenate([mix, mix]), names, cfg,
                                step=jnp.concatenate([batch["step"], batch["step"]]))
-        eps_fp = guided_output(unet, unet_params, batch["x_fp"], batch["t"], batch["cond"], batch["uncond"],
+        eps_fp = guided_output(unet, frozen["unet"], batch["x_fp"], batch["t"], batch["cond"], batch["uncond"],
                                batch["guidance"], None)
-        eps_q = guided_output(unet, unet_params, batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
+        eps_q = guided_output(unet, frozen["unet"], batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
                               batch["guidance"], q)
         if share is not None:
-            eps_q = ptqd.correct_output(quant.ptqd, batch["step"], ptqd.mix_weights(mix, share), eps_q)
+            eps_q = ptqd.correct_output(frozen["ptqd"], batch["step"], ptqd.mix_weights(mix, share), eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
         pen = penalty_fn(probs)
         loss = mse + lambda_bit * pen
@@ -101,12 +110,19 @@ def make_q2b_loss(unet, unet_params, quant, probs_fn: Callable, ste_fn: Callable
     return loss_fn
 
 
-def make_q2b_step(loss_fn: Callable, tx: optax.GradientTransformation):
-    """Jitted ``(params, opt, batch) -> (params, opt, metrics)``."""
+def make_q2b_step(loss_fn: Callable, tx: optax.GradientTransformation, micro_batch: int | None = None):
+    """Jitted ``(params, opt, frozen, batch) -> (params, opt, metrics)``.
+
+    ``frozen`` (:func:`q2b_frozen`) and ``batch`` are arguments of the compiled step. With
+    ``micro_batch`` (a divisor of the batch's rows) the gradient is accumulated over micro-batches of
+    that many rows (the loss is a mean over rows: the same step to float rounding).
+    """
 
     @jax.jit
-    def step(params, opt, batch):
-        (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def step(params, opt, frozen, batch):
+        n = check_micro_batch(batch["q"].shape[0], micro_batch, "Q2B batch")
+        (_, metrics), g = accumulate_value_and_grad(lambda p, b: loss_fn(p, frozen, b), params, batch, n,
+                                                    has_aux=True)
         updates, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, updates), opt, metrics
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qlip_jax.memory import accumulate_value_and_grad, check_micro_batch
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.unet import UNet2DConditionModel
 from qlip_jax.models.vae import AutoencoderKL
@@ -78,21 +79,34 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
     timestep only: the minimiser is unchanged. Only for epsilon prediction (v-prediction's loss is
     that already).
     """
+    k_t, k_n = jax.random.split(key)
+    b = latents.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    noise = jax.random.normal(k_n, latents.shape)
+    w = jnp.ones(latents.shape[:3], jnp.float32) if weights is None else weights
+    per_sample = weighted_errors(unet, text, params, latents, ids, t, noise, alphas_cumprod, w, min_snr_gamma,
+                                 v_weighting, prediction_type)
+    loss = jnp.sum(per_sample) / jnp.sum(w)
+    return loss, {"loss": loss}
+
+
+def weighted_errors(unet: UNet2DConditionModel, text: CLIPTextModel, params, latents: jax.Array, ids: jax.Array,
+                    t: jax.Array, noise: jax.Array, alphas_cumprod: jax.Array, w: jax.Array,
+                    min_snr_gamma: float | None = None, v_weighting: bool = False,
+                    prediction_type: str = "epsilon") -> jax.Array:
+    """``[B]`` per-sample ``sum_cells w * |target - pred|^2`` (mean over channels), SNR-weighted, at the
+    drawn timesteps ``t [B]`` and noise ``[B, h, w, c]``: the numerator of :func:`diffusion_loss`, a sum
+    over rows, so it splits into micro-batches."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if v_weighting and prediction_type != "epsilon":
         raise ValueError("v_weighting turns the epsilon loss into v-prediction's; with "
                          "prediction_type='v_prediction' the loss is that already")
-    k_t, k_n = jax.random.split(key)
-    b = latents.shape[0]
-    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
-    noise = jax.random.normal(k_n, latents.shape)
     noisy = add_noise(alphas_cumprod, latents, noise, t)
     context, _ = text.apply({"params": params["text_encoder"]}, ids)
     pred = unet.apply({"params": params["unet"]}, noisy, t, context)
     target = noise if prediction_type == "epsilon" else velocity(alphas_cumprod, latents, noise, t)
     sq = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)   # [B, h, w]
-    w = jnp.ones_like(sq) if weights is None else weights
     per_sample = jnp.sum(w * sq, axis=(1, 2))                            # [B]
     a = alphas_cumprod[t]                                                # [B]
     snr = a / (1.0 - a)                                                  # [B]
@@ -101,26 +115,43 @@ def diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextModel, params, late
             snr if prediction_type == "epsilon" else snr + 1.0)
     if v_weighting:
         per_sample = per_sample * (snr + 1.0) / snr
-    loss = jnp.sum(per_sample) / jnp.sum(w)
-    return loss, {"loss": loss}
+    return per_sample
 
 
 def make_diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel,
                         tx: optax.GradientTransformation, alphas_cumprod: jax.Array, ema_decay: float,
                         min_snr_gamma: float | None = None, v_weighting: bool = False,
-                        prediction_type: str = "epsilon"):
+                        prediction_type: str = "epsilon", micro_batch: int | None = None):
     """Jitted ``(state, latents, ids, key, weights=None) -> (state, metrics)``; state = {params, opt, ema,
     step}; ``weights [B, h, w]``, ``min_snr_gamma``, ``v_weighting`` and ``prediction_type`` as in
     :func:`diffusion_loss`.
 
-    ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``.
+    ``params``/``ema`` are ``{'unet': ..., 'text_encoder': ...}``. ``micro_batch`` (a divisor of ``B``):
+    accumulate the gradient over micro-batches of that many rows (the timesteps and noise are drawn for
+    the whole batch first, so the step is the full-batch one to float rounding).
     """
 
     @jax.jit
     def step(state, latents, ids, key, weights=None):
-        loss = lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights,  # noqa: E731
-                                        min_snr_gamma, v_weighting, prediction_type)
-        grads, metrics = jax.grad(loss, has_aux=True)(state["params"])
+        n = check_micro_batch(latents.shape[0], micro_batch, "pretraining batch")
+        if n == 1:
+            loss = lambda p: diffusion_loss(unet, text, p, latents, ids, key, alphas_cumprod, weights,  # noqa: E731
+                                            min_snr_gamma, v_weighting, prediction_type)
+            grads, metrics = jax.grad(loss, has_aux=True)(state["params"])
+        else:
+            k_t, k_n = jax.random.split(key)
+            t = jax.random.randint(k_t, latents.shape[:1], 0, alphas_cumprod.shape[0])
+            noise = jax.random.normal(k_n, latents.shape)
+            w = jnp.ones(latents.shape[:3], jnp.float32) if weights is None else weights
+            total = jnp.sum(w)
+
+            def part(p, rows):  # this micro-batch's share of the loss, times n (accumulation averages)
+                lat, i, tt, nz, ww = rows
+                return n * jnp.sum(weighted_errors(unet, text, p, lat, i, tt, nz, alphas_cumprod, ww, min_snr_gamma,
+                                                   v_weighting, prediction_type)) / total
+
+            loss, grads = accumulate_value_and_grad(part, state["params"], (latents, ids, t, noise, w), n)
+            metrics = {"loss": loss}
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
