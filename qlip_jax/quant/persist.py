@@ -63,10 +63,10 @@ def _split_weights(state: dict, bits: int) -> tuple[dict, dict[str, np.ndarray],
         rest[name] = {k: v for k, v in st.items() if k not in _WEIGHT_KEYS}
         if CODE_KEY not in st:
             continue
-        code = np.asarray(st[CODE_KEY], np.int8)
+        code = np.ascontiguousarray(st[CODE_KEY], np.int8)  # safetensors writes the buffer in memory order
         shapes[name] = list(code.shape)
         tensors[f"{name}/{CODE_KEY}"] = pack_int4(code) if bits <= 4 else code
-        tensors[f"{name}/w_scale"] = np.asarray(st["w_scale"], np.float32)
+        tensors[f"{name}/w_scale"] = np.ascontiguousarray(st["w_scale"], np.float32)
     return rest, tensors, shapes
 
 
