@@ -61,6 +61,15 @@ def test_codes_are_exact_stored_packed_and_survive_save_load(calib, tmp_path, ca
     for name, st in setup.state.items():
         for k, v in st.items():
             np.testing.assert_array_equal(np.asarray(loaded.state[name][k]), np.asarray(v), err_msg=f"{name} {k}")
+    # 8-bit codes are stored one per byte and load back in the kernel's layout (a transposed code array
+    # was once written in memory order and came back scrambled)
+    setup8 = calibrate(pipe, QuantConfig((8,), 8), data, "minmax")
+    save_quant_setup(str(tmp_path / "q8"), setup8, tag, {"method": "minmax"})
+    loaded8, info8 = load_quant_setup(str(tmp_path / "q8"), tag)
+    assert info8["weight_codes"]["packing"] == "int8"
+    for name, st in setup8.state.items():
+        if "w_code" in st:
+            np.testing.assert_array_equal(np.asarray(loaded8.state[name]["w_code"]), np.asarray(st["w_code"]), name)
     # an old folder: the state without codes (scales and activation quantizers), no weight_codes entry
     old = str(tmp_path / "old")
     meta = {k: v for k, v in info.items() if k != "weight_codes"}
