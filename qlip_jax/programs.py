@@ -33,6 +33,8 @@ from qlip_jax.models.clip import CLIPTextModel, abstract_text_params
 from qlip_jax.models.sd import SDConfigs, StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel, abstract_unet_params, default_remat, unet_registry
 from qlip_jax.models.vae import abstract_vae_params
+from qlip_jax.naming import modules_by_name
+from qlip_jax.quant.codes import CODE_KEY
 from qlip_jax.quant.reconstruction import ReconOptions, abstract_variables, make_recon_step, recon_optimizer
 from qlip_jax.quant.registry import concat_splits, init_quant_state
 from qlip_jax.quant.state import QuantConfig, QuantSetup
@@ -102,6 +104,10 @@ def _abstract_quant(pipe: Text2Image, sd: StableDiffusion, config: QuantConfig) 
     splits = concat_splits(UNet2DConditionModel(sd.configs.unet), S((1, *lat), jnp.float32), S((1,), jnp.int32),
                            S((1, *ctx), jnp.float32))
     state = jax.eval_shape(lambda p: init_quant_state(p, registry, config, None, splits), sd.params["unet"])
+    if config.weight_bits <= 8:  # calibrated states carry int8 weight codes (qlip_jax.quant.codes)
+        layers = modules_by_name(sd.params["unet"])
+        state = {name: ({**st, CODE_KEY: S(layers[name]["kernel"].shape, jnp.int8)} if "w_scale" in st else st)
+                 for name, st in state.items()}
     return QuantSetup(config, registry, state)
 
 

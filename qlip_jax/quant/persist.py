@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from qlip_jax.atomic import atomic_write
 from qlip_jax.errors import BadFile, MismatchError, MissingFile, QlipInputError, describe
 from qlip_jax.models.io import flat_leaves, load_safetensors_file, require_fields
 from qlip_jax.quant.codes import CODE_KEY, add_weight_codes, has_codes, pack_int4, unpack_int4
@@ -88,7 +89,8 @@ def save_quant_setup(directory: str, setup: QuantSetup, fingerprint: str, meta: 
     tree = state if setup.ptqd is None else {"state": state, "ptqd": setup.ptqd.to_dict()}
     Checkpointer(directory, max_to_keep=1).save(0, tree, info)
     if shapes:
-        save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
+        with atomic_write(os.path.join(directory, WEIGHTS_FILE)) as tmp:
+            save_file(tensors, tmp)
 
 
 def read_quant_info(directory: str) -> dict:
