@@ -72,7 +72,7 @@ def has_codes(state: dict) -> bool:
 def add_weight_codes(state: dict, unet_params: dict, bits: int) -> tuple[dict, int]:
     """``state`` with ``w_code`` for every conv/linear layer that lacks it (``w_round`` folded in and
     dropped), computed from the UNet's float kernels. Returns ``(new state, layers converted)``; the
-    input is not modified."""
+    input is not modified, and is returned itself when every layer already has its codes."""
     layers = None
     out, converted = {}, 0
     for name, st in state.items():
@@ -87,7 +87,7 @@ def add_weight_codes(state: dict, unet_params: dict, bits: int) -> tuple[dict, i
         d[CODE_KEY] = weight_codes(layers[name]["kernel"], st["w_scale"], bits, st.get("w_round"))
         out[name] = d
         converted += 1
-    return out, converted
+    return (out if converted else state), converted  # nothing to add: the same state object
 
 
 def strip_weight_codes(state: dict) -> dict:
