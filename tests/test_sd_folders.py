@@ -163,15 +163,16 @@ def test_unsupported_config_is_refused_naming_the_field(tiny_sd_dir, tmp_path):
         load_stable_diffusion(str(tmp_path / "m"))
 
 
-def test_program_variant_option(fp16_dir, tmp_path):
+def test_program_variant_option(fp16_dir, tmp_path, capsys):
     """``qlip sample --variant fp16`` reads the fp16 files; without it the error names the option."""
     from PIL import Image
+    from refusal import refused
 
     from qlip_jax.cli import main
 
     argv = ["sample", "--model", fp16_dir, "--prompt", "a red star", "--steps", "2"]
-    with pytest.raises(FileNotFoundError, match="--variant fp16"):
-        main(argv + ["--out", str(tmp_path / "no.png")])
+    refused(main, argv + ["--out", str(tmp_path / "no.png")], capsys, "--variant fp16")
+    assert not (tmp_path / "no.png").exists()
     assert main(argv + ["--variant", "fp16", "--out", str(tmp_path / "a.png")]) == 0
     img = np.asarray(Image.open(tmp_path / "a.png"))
     assert img.shape[1] == 64 and img.std() > 1
