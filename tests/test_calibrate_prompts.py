@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from refusal import refused
 
 from qlip_jax.data.sources import FileSource
@@ -24,6 +25,7 @@ def _calibrate_main():
     return module.main
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_calibrate_on_the_prompt_files_calibration_split(tiny_sd, tiny_sd_dir, tmp_path, capsys):
     main = _calibrate_main()
     prompts = tmp_path / "captions.jsonl"

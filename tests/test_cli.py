@@ -150,6 +150,7 @@ def test_qlip_needs_a_selector(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_demo_on_the_tiny_model(tiny_sd_dir, tiny_quant_dir, tiny_selector_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", tiny_sd_dir, "--quant", tiny_quant_dir, "--selector", tiny_selector_dir, "--n", "4",

@@ -122,6 +122,7 @@ def test_methods_rows_values_and_self_fid(tiny_sd, tiny_quant_dir, tiny_selector
     np.testing.assert_array_equal(q.images, direct)
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_evaluate_program_writes_the_report(tiny_sd_dir, tiny_quant_dir, tiny_selector_dir, tmp_path, capsys):
     out, cache = tmp_path / "report", tmp_path / "cache"
     main = runpy.run_path(EVALUATE)["main"]
@@ -222,6 +223,7 @@ def test_level_table_reports_bits_per_level_and_their_correlations():
 ALIGNMENT = os.path.join(os.path.dirname(__file__), "..", "eval", "alignment.py")
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_alignment_program_table_and_vae_ceiling(tiny_sd_dir, tmp_path, parser, capsys):
     """The table's columns agree with the per-prompt file; the shipped VAE's round trip keeps what the
     parser reads of real scenes (the ceiling column), a random tiny VAE's does not."""
@@ -351,6 +353,7 @@ def test_object_signal_is_where_the_object_is(capsys):
         program["main"](["--n", "0"])
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_denoise_probe(capsys):
     """placement_share by hand; the program on the shipped model: at t = 0 the clean prediction is the VAE
     round trip (every prediction holds an object; alignment that of the round trip), and the noisier

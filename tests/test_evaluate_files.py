@@ -16,6 +16,7 @@ EVALUATE = os.path.join(os.path.dirname(__file__), "..", "eval", "evaluate.py")
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("star", "circle", "square", "cat")]
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_evaluate_on_a_prompt_file_with_the_clip_score(tiny_sd, tiny_sd_dir, tiny_quant_dir, tiny_clip_dir,
                                                         tmp_path, capsys):
     from qlip_jax.metrics.clip_score import ClipScorer

@@ -53,6 +53,7 @@ def _labels(work) -> dict[str, QualityTargets]:
             if n.startswith("labels-train") and n.endswith(".npz")}
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_a_second_model_in_the_same_work_recomputes_its_labels(tiny_sd_dir, tiny_sd, tiny_quant_dir, tmp_path,
                                                                monkeypatch):
     from qlip_jax.data.sources import FileSource

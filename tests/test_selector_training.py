@@ -91,6 +91,7 @@ def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup):
     assert fab_high_lambda < fab_low_lambda - 0.5, (fab_low_lambda, fab_high_lambda)
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_train_selector_resumes_with_identical_state(tiny_sd_dir, tiny_sd, setup, tmp_path, monkeypatch):
     """The real program, a few iterations: interrupted at 2 of 4 and resumed equals an uninterrupted run.
     (The labels' scorer is not under test: the mean pixel value stands in for GIQA.)"""

@@ -124,6 +124,7 @@ def test_v_prediction_loss_by_hand():
         diffusion_loss(unet, text, params, latents, ids, key, ac, prediction_type="sample")
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     """--prediction-type v_prediction --zero-terminal-snr: the exported scheduler config says so (DDIM class,
     trailing), the folder loads and samples finite images from t = 999; inconsistent flags are refused."""
@@ -163,6 +164,7 @@ def test_pretrain_zero_terminal_snr_exports_a_model_that_samples(tmp_path):
     assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0  # (NaN latents: one flat value)
 
 
+@pytest.mark.slow  # a whole program end to end
 def test_pretrain_resumes_with_identical_state(tmp_path, capsys):
     """Interrupted + resumed equals uninterrupted, with the object-weighted and Min-SNR losses on (the
     coverage cache is written by the first run and read by the resume); --export-on-stop exports the
