@@ -1,7 +1,13 @@
 """Where the quantized sampler's compile time goes: the float and the quantized sampling loop, lowered
 and compiled in one process with no persistent cache; StableHLO op counts, XLA fusions, seconds.
 
-    python benchmarks/compile_anatomy.py [--model tiny|DIR] [--steps 25] [--batch 1]
+    python benchmarks/compile_anatomy.py [--model tiny|DIR] [--steps 25] [--batch 1] [--run 3]
+
+``--run N`` also runs each compiled sampler N times (the median is printed): with ``XLA_FLAGS`` set, the
+price a compile-time flag asks at run time, e.g.
+
+    for f in "" --xla_llvm_disable_expensive_passes=true; do
+      XLA_FLAGS="$f" python benchmarks/compile_anatomy.py --model tiny --steps 4 --batch 2 --run 5; done
 
 Without ``--model`` the shipped model and its quantizer state; ``tiny`` a random tiny-preset SD with
 min-max quantizers. The sampler rows in docs/speed.md come from this script.
@@ -26,15 +32,24 @@ def counts(text: str) -> dict:
             "case": ops["stablehlo.case"], "while": ops["stablehlo.while"]}
 
 
-def measure(name: str, lower) -> None:
+def measure(name: str, lower, args: tuple = (), runs: int = 0) -> None:
     t0 = time.perf_counter()
     low = lower()
     t1 = time.perf_counter()
     c = low.compile()
     t2 = time.perf_counter()
     hlo = c.as_text()
+    run = ""
+    if runs:
+        times = []
+        for _ in range(runs):
+            r0 = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            times.append(time.perf_counter() - r0)
+        run = f" run {np.median(times):6.3f}s |"
     print(f"| {name:44s} | {counts(low.as_text())} | fusions {hlo.count(' fusion(')} | lower {t1 - t0:5.1f}s | "
-          f"compile {t2 - t1:6.1f}s | load {os.getloadavg()[0]:.1f} |", flush=True)
+          f"compile {t2 - t1:6.1f}s |{run} load {os.getloadavg()[0]:.1f} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
 
 
 def main(argv=None) -> int:
@@ -42,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--run", type=int, default=0, help="also run each compiled sampler this many times")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -69,9 +85,11 @@ def main(argv=None) -> int:
     seeds = jnp.zeros((args.batch,), jnp.uint32)
     g = fp.guidance_scales(5.0)
     print(f"model {folder}, {len(quant.registry)} quantized layers, DDIM {args.steps}, batch {args.batch}")
-    measure("sampler, float", lambda: fp._sample.lower(fp._params(), emb.cond, unc, seeds, None, None, g))
+    fp_args = (fp._params(), emb.cond, unc, seeds, None, None, g)
+    measure("sampler, float", lambda: fp._sample.lower(*fp_args), fp_args, args.run)
     sched = jnp.asarray(q.uniform_schedule(args.batch, 8))
-    measure("sampler, quantized", lambda: q._sample.lower(q._params(), emb.cond, unc, seeds, sched, None, g))
+    q_args = (q._params(), emb.cond, unc, seeds, sched, None, g)
+    measure("sampler, quantized", lambda: q._sample.lower(*q_args), q_args, args.run)
     return 0
 
 

@@ -161,13 +161,13 @@ def program_steps(configs: SDConfigs, settings: ProgramSettings = ProgramSetting
         params = jax.eval_shape(lambda: q2b.init(jax.random.key(0), jnp.zeros((1,)), T)["params"])
         probs_fn = lambda p, q: q2b.apply({"params": p}, q, T)  # noqa: E731
         penalty_fn = lambda probs: bit_penalty(probs, 1.0, s.act_bits[1] / s.act_bits[2]) / (T * L)  # noqa: E731
-        loss = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, 0, 1, 2, 0.05)
+        loss = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, 0, 1, 2)
         tx = optax.adam(5e-2)
         r = s.q2b_batch * s.rows_per_prompt
         batch = {"q": S((r,), f32), "step": S((r,), i32), "t": S((r,), i32), "x_fp": S((r, *lat), f32),
                  "x_hat": S((r, *lat), f32), "cond": S((r, m, d), f32), "uncond": S((r, m, d), f32),
                  "guidance": S((r,), f32)}
-        frozen = {"unet": unet_params, "quant": quant.state, "ptqd": None}
+        frozen = {"unet": unet_params, "quant": quant.state, "ptqd": None, "lambda_bit": S((), f32)}
         out["q2b"] = (make_q2b_step(loss, tx, s.micro("q2b")),
                       (params, jax.eval_shape(tx.init, params), frozen, batch))
     if "pretraining" in programs:

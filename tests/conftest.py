@@ -15,12 +15,16 @@ import pytest
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache per test session, empty at the start.
+    """One persistent XLA compilation cache per test session, empty at the start, shared by the workers.
 
     Several tests run a real program more than once (an interrupted run, its resume, an uninterrupted
-    run); each call builds its jitted functions afresh, and the cache lets the second and third calls
-    reuse the first call's executables instead of compiling them again. Trace counts, which the
-    compile-once tests assert on, are unaffected: tracing happens before the cache is consulted.
+    run), and tests in different files compile the same sampler; each call builds its jitted functions
+    afresh, and the cache lets later calls reuse the first call's executables instead of compiling them
+    again. Trace counts, which the compile-once tests assert on, are unaffected: tracing happens before
+    the cache is consulted.
+
+    The suite runs on pytest-xdist's workers (``-n`` in pyproject's addopts, one test file a worker at a
+    time): the controlling process makes the folder before it starts them, and they inherit its path.
 
     Programs (``qlip``, train/, eval/) turn on a per-user cache (:mod:`qlip_jax.compile_cache`); it
     keeps a folder JAX already has, so in-process runs use this one, and ``QLIP_CACHE`` points programs
@@ -28,8 +32,11 @@ def pytest_configure(config):
     """
     import jax
 
-    cache = tempfile.mkdtemp(prefix="qlip-jax-xla-cache-")
-    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    cache = os.environ.get("QLIP_TEST_XLA_CACHE") if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="qlip-jax-xla-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+        os.environ["QLIP_TEST_XLA_CACHE"] = cache
     os.environ["QLIP_CACHE"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -38,30 +45,38 @@ def pytest_configure(config):
     jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-# Where the suite's time goes: XLA compiles (count and seconds) per test, printed at the end of a run.
-_COMPILE = {"test": None, "per_test": {}}
+# Where the suite's time goes: XLA compiles (count and seconds) per test. Each phase's report (setup,
+# call, teardown) carries the compiles since the previous report, so the numbers reach the controlling
+# process from xdist's workers; it adds them up and prints the costliest tests at the end of the run.
+_COMPILES = {"since_report": [0, 0.0], "per_test": {}}
 
 
 def _count_compile(event: str, seconds: float, **_) -> None:
-    if event == "/jax/core/compile/backend_compile_duration" and _COMPILE["test"] is not None:
-        n, s = _COMPILE["per_test"].get(_COMPILE["test"], (0, 0.0))
-        _COMPILE["per_test"][_COMPILE["test"]] = (n + 1, s + seconds)
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["since_report"][0] += 1
+        _COMPILES["since_report"][1] += seconds
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    _COMPILE["test"] = item.nodeid
-    try:
-        return (yield)
-    finally:
-        _COMPILE["test"] = None
+def pytest_runtest_makereport(item, call):
+    report = yield
+    n, s = _COMPILES["since_report"]
+    report.user_properties.append(("xla_compiles", (n, s)))
+    _COMPILES["since_report"] = [0, 0.0]
+    return report
+
+
+def pytest_runtest_logreport(report):
+    for name, (n, s) in (p for p in report.user_properties if p[0] == "xla_compiles"):
+        total_n, total_s = _COMPILES["per_test"].get(report.nodeid, (0, 0.0))
+        _COMPILES["per_test"][report.nodeid] = (total_n + n, total_s + s)
 
 
 def pytest_terminal_summary(terminalreporter):
-    rows = sorted(_COMPILE["per_test"].items(), key=lambda kv: -kv[1][1])[:25]
+    rows = sorted(_COMPILES["per_test"].items(), key=lambda kv: -kv[1][1])[:25]
     if rows:
-        total_n = sum(n for n, _ in _COMPILE["per_test"].values())
-        total_s = sum(s for _, s in _COMPILE["per_test"].values())
+        total_n = sum(n for n, _ in _COMPILES["per_test"].values())
+        total_s = sum(s for _, s in _COMPILES["per_test"].values())
         terminalreporter.section(f"XLA compiles: {total_n} in {total_s:.0f} s (setup included); the 25 costliest tests")
         for nodeid, (n, s) in rows:
             terminalreporter.write_line(f"{s:8.1f} s {n:5d} compiles  {nodeid}")

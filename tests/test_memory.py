@@ -189,13 +189,13 @@ def test_micro_batched_q2b_step_equals_full_batch(unet_inputs):
     q2b_params = q2b.init(jax.random.key(0), jnp.zeros((1,)), T)["params"]
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, T)  # noqa: E731
     loss = make_q2b_loss(UNet2DConditionModel(configs.unet), quant, probs_fn, ste_onehot,
-                         lambda probs: bit_penalty(probs, 1.0, 0.75) / (T * L), 0, 1, 2, 0.1)
+                         lambda probs: bit_penalty(probs, 1.0, 0.75) / (T * L), 0, 1, 2)
     tx = optax.sgd(1.0)   # the update is the gradient itself
     batch = {"q": jnp.array([0.2, 0.9, 0.5, 0.7]), "step": jnp.array([0, 1, 2, 1], jnp.int32),
              "t": jnp.array([900, 500, 100, 500]), "x_fp": jnp.concatenate([x, x[::-1]]),
              "x_hat": jnp.concatenate([x, x[::-1]]) * 1.1, "cond": jnp.concatenate([c, c]),
              "uncond": jnp.concatenate([c[::-1], c[::-1]]) * 0.5, "guidance": jnp.full((4,), 3.0)}
-    frozen = q2b_frozen(params, quant)
+    frozen = q2b_frozen(params, quant, 0.1)
     (p0, _, m0), (p1, _, m1) = (make_q2b_step(loss, tx, mb)(q2b_params, tx.init(q2b_params), frozen, batch)
                                 for mb in (None, 2))
     assert float(m0["mse"]) > 0

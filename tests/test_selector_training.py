@@ -44,28 +44,32 @@ def setup(tiny_sd):
     return qpipe, quant, cfg, batch
 
 
-def _q2b(setup, lam):
-    """Q2B's initial params, the probs function and the paper's loss at ``lambda_bit = lam``."""
+@pytest.fixture(scope="module")
+def q2b_problem(setup):
+    """Q2B's initial params, its probs function and one jitted Adam step on the paper's loss, shared by the
+    tests below: ``lambda_bit`` is an input of the step (:func:`q2b_frozen`), so every lambda runs the one
+    compiled program."""
     qpipe, quant, cfg, batch = setup
     q2b = Q2B(cfg)
     params = q2b.init(jax.random.key(0), jnp.zeros((1,)), cfg.num_steps)["params"]
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, cfg.num_steps)       # noqa: E731
     penalty_fn = lambda probs: bit_penalty(probs, 1.0, 6 / 8) / (cfg.num_steps * cfg.num_layers)  # noqa: E731
-    loss = make_q2b_loss(qpipe.unet, quant, probs_fn, ste_onehot, penalty_fn, cfg.low, cfg.med, cfg.high, lam)
-    return params, probs_fn, loss, q2b_frozen(qpipe.sd.params["unet"], quant)
+    loss = make_q2b_loss(qpipe.unet, quant, probs_fn, ste_onehot, penalty_fn, cfg.low, cfg.med, cfg.high)
+    tx = optax.adam(0.2)
+    frozen = lambda lam: q2b_frozen(qpipe.sd.params["unet"], quant, lam)     # noqa: E731
+    return params, probs_fn, make_q2b_step(loss, tx), tx, frozen
 
 
-def _train(setup, lam, iters, lr=0.2):
+def _train(setup, q2b_problem, lam, iters):
     """``iters`` Adam steps; the loss before the first and after the last (each step reports the loss at
     the params it starts from, so one more step reads it: one compiled program, nothing run op by op),
     and the average activation bits Q2B then assigns."""
     _, _, cfg, batch = setup
-    params, probs_fn, loss_fn, frozen = _q2b(setup, lam)
-    tx = optax.adam(lr)
-    step, opt = make_q2b_step(loss_fn, tx), tx.init(params)
+    params, probs_fn, step, tx, frozen = q2b_problem
+    opt = tx.init(params)
     losses = []
     for i in range(iters + 1):
-        updated, opt, metrics = step(params, opt, frozen, batch)
+        updated, opt, metrics = step(params, opt, frozen(lam), batch)
         losses.append(float(metrics["loss"]))
         params = updated if i < iters else params
     fab = float(np.mean(average_act_bits(hard_indices(probs_fn(params, batch["q"][::cfg.num_steps]), cfg),
@@ -73,19 +77,22 @@ def _train(setup, lam, iters, lr=0.2):
     return losses[0], losses[-1], fab
 
 
-def test_q2b_gradients_reach_every_parameter(setup):
-    params, _, loss_fn, frozen = _q2b(setup, 0.5)
-    grads = jax.jit(jax.grad(lambda p, f, b: loss_fn(p, f, b)[0]))(params, frozen, setup[3])
-    for name, g in grads.items():
-        g = np.asarray(g)
-        assert np.isfinite(g).all(), name
-        assert np.abs(g).max() > 0, name
+def test_q2b_gradients_reach_every_parameter(setup, q2b_problem):
+    """Adam's first update is ``-lr * g / (|g| + eps)`` elementwise: every parameter array moves (and stays
+    finite) iff its gradient is finite and not all zero."""
+    params, _, step, tx, frozen = q2b_problem
+    updated, _, metrics = step(params, tx.init(params), frozen(0.5), setup[3])
+    assert np.isfinite(float(metrics["loss"]))
+    for name in params:
+        moved = np.asarray(updated[name]) - np.asarray(params[name])
+        assert np.isfinite(moved).all(), name
+        assert np.abs(moved).max() > 0, name
 
 
-def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup):
-    first, last, fab_low_lambda = _train(setup, 0.0, 25)
+def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup, q2b_problem):
+    first, last, fab_low_lambda = _train(setup, q2b_problem, 0.0, 25)
     assert last < first, (first, last)
-    first_hi, last_hi, fab_high_lambda = _train(setup, 5.0, 25)
+    first_hi, last_hi, fab_high_lambda = _train(setup, q2b_problem, 5.0, 25)
     assert last_hi < first_hi, (first_hi, last_hi)
     # no bit cost: the error term pulls towards the high width; a large cost pulls towards the low one
     assert fab_high_lambda < fab_low_lambda - 0.5, (fab_low_lambda, fab_high_lambda)
@@ -192,18 +199,28 @@ def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, S)                                   # noqa: E731
     unet, unet_params = qpipe.unet, qpipe.sd.params["unet"]
     make = lambda setup_: make_q2b_loss(unet, setup_, probs_fn, ste_onehot,   # noqa: E731
-                                        lambda probs: 0.0, cfg.low, cfg.med, cfg.high, 0.0)
-    _, plain = make(quant)(params, q2b_frozen(unet_params, quant), batch)
-    _, corrected = make(with_ptqd)(params, q2b_frozen(unet_params, with_ptqd), batch)
+                                        lambda probs: 0.0, cfg.low, cfg.med, cfg.high)
 
-    probs = probs_fn(params, batch["q"])
-    p_t = probs[jnp.arange(probs.shape[0]), batch["step"]]
-    mix = choice_to_candidates(ste_onehot(p_t), cfg.low, cfg.med, cfg.high, K)
-    step2 = jnp.concatenate([batch["step"], batch["step"]])
-    q = QuantArgs.from_mix(quant.state, jnp.concatenate([mix, mix]), quant.registry.names, CONFIG, step=step2)
-    args = (batch["t"], batch["cond"], batch["uncond"], batch["guidance"])
-    eps_fp = np.asarray(guided_output(unet, unet_params, batch["x_fp"], *args, None))
-    eps_q = np.asarray(guided_output(unet, unet_params, batch["x_hat"], *args, q))
+    @jax.jit
+    def losses_and_outputs(params, unet_params, frozen_plain, frozen_ptqd, batch):
+        """Both losses and, computed apart from the loss, the float and quantized guided outputs: one
+        program (XLA shares the UNet evaluations the four results have in common)."""
+        _, plain = make(quant)(params, frozen_plain, batch)
+        _, corrected = make(with_ptqd)(params, frozen_ptqd, batch)
+        probs = probs_fn(params, batch["q"])
+        p_t = probs[jnp.arange(probs.shape[0]), batch["step"]]
+        mix = choice_to_candidates(ste_onehot(p_t), cfg.low, cfg.med, cfg.high, K)
+        step2 = jnp.concatenate([batch["step"], batch["step"]])
+        q = QuantArgs.from_mix(frozen_plain["quant"], jnp.concatenate([mix, mix]), quant.registry.names, CONFIG,
+                               step=step2)
+        args = (batch["t"], batch["cond"], batch["uncond"], batch["guidance"])
+        eps_fp = guided_output(unet, unet_params, batch["x_fp"], *args, None)
+        eps_q = guided_output(unet, unet_params, batch["x_hat"], *args, q)
+        return plain, corrected, eps_fp, eps_q
+
+    plain, corrected, eps_fp, eps_q = losses_and_outputs(
+        params, unet_params, q2b_frozen(unet_params, quant, 0.0), q2b_frozen(unet_params, with_ptqd, 0.0), batch)
+    eps_fp, eps_q = np.asarray(eps_fp), np.asarray(eps_q)
     s = np.asarray(batch["step"])
     expected = (eps_q - bias[s, 0][:, None, None, :]) / (1.0 + k[s, 0])[:, None, None, None]
     np.testing.assert_allclose(float(plain["mse"]), np.mean((eps_fp - eps_q) ** 2), rtol=1e-5)

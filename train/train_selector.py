@@ -301,8 +301,7 @@ def main(argv=None) -> int:
     weights = jnp.asarray(macs / macs.mean() if args.macs_weighted else np.ones(L), jnp.float32)
     penalty_fn = lambda probs: bit_penalty(probs, 1.0, bits[1] / bits[2], weights) / (T * L)
     remat = default_remat(sd.configs.unet) if args.remat is None else args.remat
-    loss_fn = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, low, med, high,
-                            args.lambda_bit)
+    loss_fn = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, low, med, high)
     tx = optax.adam(args.q2b_lr)
     state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
     ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"), tag)))
@@ -321,7 +320,7 @@ def main(argv=None) -> int:
                disable=args.quiet)
     metrics = {}
     params, opt = jax.device_put(state["params"], repl), jax.device_put(state["opt"], repl)
-    frozen = jax.device_put(q2b_frozen(sd.params["unet"], quant), repl)
+    frozen = jax.device_put(q2b_frozen(sd.params["unet"], quant, args.lambda_bit), repl)
     for it in bar:
         rng = np.random.default_rng([args.seed, it, 0x5E1])
         ids = rng.choice(len(train_recs), args.batch, replace=False)

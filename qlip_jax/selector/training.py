@@ -65,17 +65,19 @@ def choice_to_candidates(w: jax.Array, low: int, med: int, high: int, num_quanti
     return w[..., 0:1] * eye[low] + w[..., 1:2] * eye[med] + w[..., 2:3] * eye[high]
 
 
-def q2b_frozen(unet_params, quant) -> dict:
+def q2b_frozen(unet_params, quant, lambda_bit: float) -> dict:
     """The frozen inputs of the Q2B loss, passed to the jitted step as an argument (never closed over):
-    ``{'unet': UNet params, 'quant': quantizer state, 'ptqd': PTQD correction or None}``."""
-    return {"unet": unet_params, "quant": quant.state, "ptqd": quant.ptqd}
+    ``{'unet': UNet params, 'quant': quantizer state, 'ptqd': PTQD correction or None, 'lambda_bit': float32
+    scalar}``. ``lambda_bit`` is traced, so a sweep over it (the paper's trade-off curve) runs one program."""
+    return {"unet": unet_params, "quant": quant.state, "ptqd": quant.ptqd,
+            "lambda_bit": jnp.asarray(lambda_bit, jnp.float32)}
 
 
 def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
-                  low: int, med: int, high: int, lambda_bit: float):
+                  low: int, med: int, high: int):
     """``loss(q2b_params, frozen, batch) -> (loss, metrics)`` for one batch of rows.
 
-    ``frozen`` is :func:`q2b_frozen` (UNet params, quantizer state, PTQD tables; only ``quant``'s static
+    ``frozen`` is :func:`q2b_frozen` (UNet params, quantizer state, PTQD tables, ``lambda_bit``; only ``quant``'s static
     config, registry and whether it has a PTQD correction are read from ``quant`` here).
     ``batch``: ``q [B]`` (T2Q's prediction), ``step [B]`` (int step index), ``t [B]`` (its timestep),
     ``x_fp, x_hat [B, h, w, c]``, ``cond, uncond [B, M, D]``, ``guidance [B]``.
@@ -104,7 +106,7 @@ def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn:
             eps_q = ptqd.correct_output(frozen["ptqd"], batch["step"], ptqd.mix_weights(mix, share), eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
         pen = penalty_fn(probs)
-        loss = mse + lambda_bit * pen
+        loss = mse + frozen["lambda_bit"] * pen
         return loss, {"loss": loss, "mse": mse, "penalty": pen}
 
     return loss_fn
