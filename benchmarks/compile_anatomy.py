@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     from qlip_jax.assets import default_model_dir
     from qlip_jax.cli import shipped_quant_dir
     from qlip_jax.models.sd import load_stable_diffusion
-    from qlip_jax.quant.calibration import calibrate_minmax
-    from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.calibration import calibrate_minmax
+    from qlip_jax.ptq.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.sampling.pipeline import Text2Image
 

@@ -55,7 +55,7 @@ def sizes(config: str) -> None:
     from qlip_jax.models.unet import abstract_unet_params, unet_registry
     from qlip_jax.naming import modules_by_name
     from qlip_jax.quant.fake_quant import adaround_fake_quant
-    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
     from qlip_jax.training.checkpoint import Checkpointer
 
     cfg = UNetConfig.from_dict(io.read_json(config))
@@ -83,7 +83,7 @@ def cost(steps: int) -> None:
     from qlip_jax.assets import default_model_dir
     from qlip_jax.cli import shipped_quant_dir
     from qlip_jax.models.sd import load_stable_diffusion
-    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
     from qlip_jax.sampling.pipeline import Text2Image
 
     sd = load_stable_diffusion(default_model_dir())

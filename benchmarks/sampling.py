@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     from qlip_jax.cli import shipped_quant_dir, shipped_selector_dir
     from qlip_jax.data.scenes import prompt_set
     from qlip_jax.models.sd import load_stable_diffusion
-    from qlip_jax.quant.calibration import calibrate_minmax
-    from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.calibration import calibrate_minmax
+    from qlip_jax.ptq.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.sampling.pipeline import Text2Image
     from qlip_jax.selector.selector import Selector

@@ -37,8 +37,8 @@ from qlip_jax.errors import BadArgument, check_int, check_sampling_args, program
 from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import sample_records, score_images
 from qlip_jax.models.sd import load_stable_diffusion
-from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
-from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
+from qlip_jax.ptq.calibration import METHODS, calibrate, collect_calibration_data
+from qlip_jax.ptq.persist import model_fingerprint, save_quant_setup
 from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid

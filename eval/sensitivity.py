@@ -34,7 +34,7 @@ from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.metrics.scoring import alignment, sample_records
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.plots import heatmap, scatter
-from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
+from qlip_jax.ptq.calibration import METHODS, calibrate, collect_calibration_data
 from qlip_jax.quant.groups import group_indices, step_groups
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image

@@ -106,8 +106,8 @@ def _quantizer(sd, args, kind: str, value):
     calibration split of ``--prompts FILE`` (the scene prompts for the embedded model; another ``--model``
     without ``--prompts`` is refused)."""
     from qlip_jax.data.sources import source_from_args
-    from qlip_jax.quant.calibration import calibrate_minmax
-    from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.calibration import calibrate_minmax
+    from qlip_jax.ptq.persist import QuantStateMismatch, load_quant_setup, model_fingerprint
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.sampling.pipeline import Text2Image
 
@@ -166,7 +166,7 @@ def check_sample_args(args):
     Raises a :class:`~qlip_jax.errors.QlipInputError` naming the problem."""
     from qlip_jax.atomic import check_image_path
     from qlip_jax.errors import check_int, check_sampling_args
-    from qlip_jax.quant.persist import read_quant_info
+    from qlip_jax.ptq.persist import read_quant_info
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.selector.schedule_io import read_schedule_npy
     from qlip_jax.selector.selector import Selector
@@ -229,7 +229,7 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
 
     from qlip_jax.assets import default_model_dir
     from qlip_jax.models.sd import load_stable_diffusion
-    from qlip_jax.quant.persist import QuantStateMismatch
+    from qlip_jax.ptq.persist import QuantStateMismatch
     from qlip_jax.quant.registry import average_act_bits
     from qlip_jax.sampling.grid import save_grid
     from qlip_jax.sampling.pipeline import Text2Image
@@ -285,7 +285,7 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
 
 def cmd_demo(args) -> int:
     from qlip_jax.evaluation import check_out_dir, run_evaluation
-    from qlip_jax.quant.persist import QuantStateMismatch
+    from qlip_jax.ptq.persist import QuantStateMismatch
 
     check_out_dir(args.out, args.overwrite)
     quant_dirs = [_require_quant(d) for d in (args.quant or [None])]

@@ -69,7 +69,7 @@ from qlip_jax.metrics.scoring import sample_records, score_images
 from qlip_jax.models.unet import unet_registry
 from qlip_jax.plots import heatmap, scatter
 from qlip_jax.quant.groups import layer_group
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.sampling.grid import save_grid

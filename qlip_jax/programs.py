@@ -35,7 +35,7 @@ from qlip_jax.models.unet import UNet2DConditionModel, abstract_unet_params, def
 from qlip_jax.models.vae import abstract_vae_params
 from qlip_jax.naming import modules_by_name
 from qlip_jax.quant.codes import CODE_KEY
-from qlip_jax.quant.reconstruction import ReconOptions, abstract_variables, make_recon_step, recon_optimizer
+from qlip_jax.ptq.reconstruction import ReconOptions, abstract_variables, make_recon_step, recon_optimizer
 from qlip_jax.quant.registry import concat_splits, init_quant_state
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.sampling.pipeline import Text2Image

@@ -163,7 +163,7 @@ def tiny_sd(tiny_sd_dir):
 @pytest.fixture(scope="session")
 def calib(tiny_sd):
     """``(float DDIM 4-step sampler, its timestep-aware calibration data)`` of two prompts on the tiny SD."""
-    from qlip_jax.quant.calibration import collect_calibration_data
+    from qlip_jax.ptq.calibration import collect_calibration_data
     from qlip_jax.sampling.pipeline import Text2Image
 
     pipe = Text2Image(tiny_sd, "ddim", steps=4)

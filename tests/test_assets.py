@@ -37,7 +37,7 @@ def test_shipped_parser_reads_held_out_scenes():
 
 def test_shipped_quantizer_and_selector_belong_to_the_shipped_model():
     from qlip_jax.evaluation import same_setup
-    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
     from qlip_jax.selector.selector import Selector
 
     sd = load_stable_diffusion(default_model_dir())

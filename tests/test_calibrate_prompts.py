@@ -10,8 +10,8 @@ import pytest
 from refusal import refused
 
 from qlip_jax.data.sources import FileSource
-from qlip_jax.quant.calibration import calibrate, collect_calibration_data
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+from qlip_jax.ptq.calibration import calibrate, collect_calibration_data
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import rms_rel_err
 
-from qlip_jax.quant.calibration import calibrate
-from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint, save_quant_setup
+from qlip_jax.ptq.calibration import calibrate
+from qlip_jax.ptq.persist import QuantStateMismatch, load_quant_setup, model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantArgs, QuantConfig
 
 

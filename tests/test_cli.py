@@ -102,7 +102,7 @@ def test_sample_qlip_prints_each_prompts_bits(tiny_sd, tiny_sd_dir, tiny_selecto
 def test_sample_json_schedule_and_quantizer_choice(tiny_sd, tiny_sd_dir, tiny_quant_dir, tmp_path, capsys,
                                                     monkeypatch):
     import qlip_jax.cli as cli
-    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
     from qlip_jax.selector.schedule_io import save_schedule_json
 
     setup, _ = load_quant_setup(tiny_quant_dir, model_fingerprint(tiny_sd.configs.unet, tiny_sd.params["unet"]))

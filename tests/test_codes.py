@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from qlip_jax.naming import modules_by_name
-from qlip_jax.quant.calibration import calibrate
+from qlip_jax.ptq.calibration import calibrate
 from qlip_jax.quant.codes import pack_int4, strip_weight_codes, unpack_int4, weight_codes
-from qlip_jax.quant.persist import WEIGHTS_FILE, load_quant_setup, model_fingerprint, save_quant_setup
+from qlip_jax.ptq.persist import WEIGHTS_FILE, load_quant_setup, model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.training.checkpoint import Checkpointer
 

@@ -121,7 +121,7 @@ def _recon_setup(configs, params, micro_batch: int, remat: str = ""):
     from qlip_jax.models.unet import unet_registry
     import optax
 
-    from qlip_jax.quant.reconstruction import ReconOptions, init_variables, make_recon_step
+    from qlip_jax.ptq.reconstruction import ReconOptions, init_variables, make_recon_step
     from qlip_jax.quant.registry import init_quant_state
     from qlip_jax.quant.state import QuantConfig
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from qlip_jax.quant.calibration import calibrate_minmax
+from qlip_jax.ptq.calibration import calibrate_minmax
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 from tiny_qlip import ZERO_SNR, with_scheduler

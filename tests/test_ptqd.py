@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlip_jax.quant import ptqd
-from qlip_jax.quant.calibration import calibrate, collect_calibration_data
-from qlip_jax.quant.persist import QuantStateMismatch, load_quant_setup, model_fingerprint, save_quant_setup
+from qlip_jax.ptq import ptqd
+from qlip_jax.sampling import correction
+from qlip_jax.ptq.calibration import calibrate, collect_calibration_data
+from qlip_jax.ptq.persist import QuantStateMismatch, load_quant_setup, model_fingerprint, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling import schedulers as S
 from qlip_jax.sampling.pipeline import Text2Image
@@ -74,7 +75,7 @@ def test_fit_recovers_known_k_bias_and_residual_moments():
     # the guided residual variance the sampler absorbs, at a uniform candidate 0, guidance g
     g, w = 3.0, jnp.array([[1.0, 0.0]])
     v = corr.var_uncond[0, 0] * (1 - g) ** 2 + 2 * g * (1 - g) * corr.cov[0, 0] + g ** 2 * corr.var_cond[0, 0]
-    np.testing.assert_allclose(ptqd.residual_variance(corr, 0, w, g), v / (1 + corr.k[0, 0]) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(correction.residual_variance(corr, 0, w, g), v / (1 + corr.k[0, 0]) ** 2, rtol=1e-5)
     # a shrinking quantized output (k < 0) is not amplified: k = 0, bias = the mean error
     k_neg, b_neg = ptqd.fit_linear(eps, 0.8 * eps + b_true)
     assert k_neg == 0.0
@@ -84,13 +85,13 @@ def test_fit_recovers_known_k_bias_and_residual_moments():
 def test_mixed_precision_weights_are_mac_shares():
     share = jnp.array([0.5, 0.3, 0.2])
     idx = jnp.array([[2, 2, 2], [0, 0, 0], [0, 1, 2], [1, 2, 2]])       # K = 2 quantized, 2 = fp
-    np.testing.assert_allclose(ptqd.candidate_weights(idx, share, 2),
+    np.testing.assert_allclose(correction.candidate_weights(idx, share, 2),
                                [[0, 0], [1, 0], [0.5, 0.3], [0, 0.5]], atol=1e-7)
-    corr = ptqd.PTQDCorrection(timesteps=jnp.array([1]), k=jnp.array([[1.0, 3.0]]),
+    corr = correction.PTQDCorrection(timesteps=jnp.array([1]), k=jnp.array([[1.0, 3.0]]),
                                bias=jnp.array([[[1.0, 1.0], [3.0, 3.0]]]), var_uncond=jnp.ones((1, 2)),
                                var_cond=jnp.ones((1, 2)), cov=jnp.ones((1, 2)))
     out = jnp.full((4, 2, 2, 2), 10.0)
-    got = ptqd.correct_output(corr, 0, ptqd.candidate_weights(idx, share, 2), out)
+    got = correction.correct_output(corr, 0, correction.candidate_weights(idx, share, 2), out)
     np.testing.assert_array_equal(got[0], out[0])                        # full precision: untouched
     np.testing.assert_allclose(got[1], (10 - 1) / 2)                     # uniform candidate 0
     np.testing.assert_allclose(got[2], (10 - 1.4) / (1 + 1.4))           # 0.5 * cand0 + 0.3 * cand1
@@ -103,7 +104,7 @@ def test_correction_lowers_output_error_on_held_out_prompts(calib):
     out_fp, out_q = ptqd.model_outputs(pipe.unet, pipe.sd.params["unet"], setup.state, setup.registry,
                                        CONFIG, held)
     w = jnp.zeros((len(held), CONFIG.num_quantized)).at[:, 0].set(1.0)   # lowest candidate (A4)
-    fixed = np.asarray(ptqd.correct_output(setup.ptqd, jnp.asarray(held.step_index), w, jnp.asarray(out_q[0])))
+    fixed = np.asarray(correction.correct_output(setup.ptqd, jnp.asarray(held.step_index), w, jnp.asarray(out_q[0])))
 
     def rel(a):
         return float(np.sqrt(np.mean((a - out_fp) ** 2) / np.mean(out_fp ** 2)))
@@ -184,9 +185,9 @@ def test_ddim_absorbed_sigma_reduces_the_injected_noise():
     with pytest.raises(ValueError, match="only applies to DDIM"):
         S.step(dpm, S.init_state(dpm, x), 0, out, x, sigma=jnp.ones(4))
     # deterministic samplers get no noise std from the PTQD sampler hook
-    corr = ptqd.PTQDCorrection(timesteps=dpm.timesteps, k=jnp.zeros((10, 1)), bias=jnp.zeros((10, 1, 2)),
+    corr = correction.PTQDCorrection(timesteps=dpm.timesteps, k=jnp.zeros((10, 1)), bias=jnp.zeros((10, 1, 2)),
                                var_uncond=jnp.ones((10, 1)), var_cond=jnp.ones((10, 1)), cov=jnp.ones((10, 1)))
-    _, none = ptqd.sampler_correction(corr, dpm, 0, jnp.zeros((4, 3), jnp.int32), out, 3.0,
+    _, none = correction.sampler_correction(corr, dpm, 0, jnp.zeros((4, 3), jnp.int32), out, 3.0,
                                       jnp.full(3, 1 / 3), 1)
     assert none is None
 
@@ -227,7 +228,7 @@ def test_zero_terminal_snr_v_prediction_model(tiny_sd):
     held = collect_calibration_data(pipe, HELD_PROMPTS, [5, 6], guidance=3.0)
     out_fp, out_q = ptqd.model_outputs(pipe.unet, sd.params["unet"], setup.state, setup.registry, CONFIG, held)
     w = jnp.zeros((len(held), CONFIG.num_quantized)).at[:, 0].set(1.0)
-    fixed = np.asarray(ptqd.correct_output(setup.ptqd, jnp.asarray(held.step_index), w, jnp.asarray(out_q[0])))
+    fixed = np.asarray(correction.correct_output(setup.ptqd, jnp.asarray(held.step_index), w, jnp.asarray(out_q[0])))
     err = [float(np.mean((a - out_fp) ** 2)) for a in (out_q[0], fixed)]
     assert err[1] < err[0], err
     a_prev = float(pipe.sched.coeffs.alpha_prev[0])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from qlip_jax.naming import modules_by_name
-from qlip_jax.quant.calibration import calibrate, model_splits, nearest_rows
+from qlip_jax.ptq.calibration import calibrate, model_splits, nearest_rows
 from qlip_jax.quant.fake_quant import adaround_fake_quant, adaround_init, fake_quant, rectified_sigmoid
 from qlip_jax.quant.layers import QConv, _quantize_activation, quantize_weight
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, save_quant_setup
-from qlip_jax.quant.reconstruction import ReconOptions, output_error
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint, save_quant_setup
+from qlip_jax.ptq.reconstruction import ReconOptions, output_error
 from qlip_jax.quant.registry import init_quant_state
 from qlip_jax.quant.state import QuantArgs, QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image

@@ -16,7 +16,7 @@ from tiny_qlip import STEPS, tiny_quant_dir, tiny_selector_dir  # noqa: F401  (f
 from refusal import refused
 
 from qlip_jax.errors import MismatchError
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, save_quant_setup
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint, save_quant_setup
 from qlip_jax.selector.quality import QualityTargets
 from qlip_jax.selector.selector import Selector
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from qlip_jax.quant.calibration import calibrate, collect_calibration_data
+from qlip_jax.ptq.calibration import calibrate, collect_calibration_data
 from qlip_jax.quant.registry import average_act_bits
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
@@ -107,7 +107,7 @@ def test_train_selector_resumes_with_identical_state(tiny_sd_dir, tiny_sd, setup
     from PIL import Image
     from safetensors.numpy import load_file
 
-    from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
+    from qlip_jax.ptq.persist import model_fingerprint, save_quant_setup
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
     import train_selector
@@ -181,7 +181,7 @@ def test_q2b_checkpoints_resume_only_the_same_problem(setup):
 def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     """With a PTQD base quantizer the loss compares float with the output the sampler uses,
     (eps_Q - b_t) / (1 + k_t), the step's tables picked per row."""
-    from qlip_jax.quant.ptqd import PTQDCorrection
+    from qlip_jax.sampling.correction import PTQDCorrection
     from qlip_jax.quant.state import QuantArgs, QuantSetup
     from qlip_jax.sampling.guidance import guided_output
     from qlip_jax.selector.training import choice_to_candidates

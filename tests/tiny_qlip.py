@@ -30,8 +30,8 @@ def with_scheduler(sd, changes: dict):
 @pytest.fixture(scope="session")
 def tiny_quant_dir(tiny_sd, tmp_path_factory):
     """W4A{4,6,8} min-max quantizer state of the tiny model, saved as train/calibrate.py does."""
-    from qlip_jax.quant.calibration import calibrate_minmax
-    from qlip_jax.quant.persist import model_fingerprint, save_quant_setup
+    from qlip_jax.ptq.calibration import calibrate_minmax
+    from qlip_jax.ptq.persist import model_fingerprint, save_quant_setup
     from qlip_jax.quant.state import QuantConfig
     from qlip_jax.sampling.pipeline import Text2Image
 
@@ -47,7 +47,7 @@ def tiny_quant_dir(tiny_sd, tmp_path_factory):
 def tiny_selector_dir(tiny_sd, tiny_quant_dir, tmp_path_factory):
     """A :class:`Selector` over the tiny quantizer with random T2Q and Q2B params (p_m / p_h logits
     spread out, so schedules mix all three widths and differ between prompts)."""
-    from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+    from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
     from qlip_jax.selector.q2b import Q2B, Q2BConfig
     from qlip_jax.selector.selector import Selector
     from qlip_jax.selector.t2q import T2Q

@@ -12,7 +12,7 @@ count the quantizer will serve; the UNet inputs at ``--keep-steps`` steps spread
 both guidance halves, form the timestep-aware calibration set (Q-Diffusion); the chosen base method
 fits weight scales (``--weight-bits``, per output channel) and activation ranges for each candidate in
 ``--act-bits``. The quantizer state is saved with orbax and tagged with the model's fingerprint
-(:mod:`qlip_jax.quant.persist`), so it is refused on any other model.
+(:mod:`qlip_jax.ptq.persist`), so it is refused on any other model.
 
 ``--method qdiff`` runs Q-Diffusion's block reconstruction for ``--recon-iters`` steps of ``--recon-batch``
 calibration samples (each at every candidate width).
@@ -45,8 +45,8 @@ from qlip_jax.data.sources import add_source_arguments, source_from_args
 from qlip_jax.errors import BadArgument, MismatchError, check_int, check_sampling_args, program
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
-from qlip_jax.quant.calibration import METHODS, calibrate, collect_calibration_data
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint, read_quant_info, save_quant_setup
+from qlip_jax.ptq.calibration import METHODS, calibrate, collect_calibration_data
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint, read_quant_info, save_quant_setup
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.pipeline import Text2Image
 

@@ -53,7 +53,7 @@ from qlip_jax.metrics.parser import SceneParser
 from qlip_jax.models.sd import load_stable_diffusion
 from qlip_jax.models.unet import default_remat
 from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits
 from qlip_jax.sampling.pipeline import Text2Image
 from qlip_jax.selector.q2b import Q2B, Q2BConfig, bit_penalty, hard_indices, ste_onehot

@@ -1,4 +1,5 @@
-"""Fake quantization with traced bit widths, quantizer state, registry and BitOPs, calibration."""
+"""The quantization core every layer uses: fake quantization with traced bit widths, quantized layers,
+quantizer state, registry and BitOPs. The methods that run the model to fit it are in :mod:`qlip_jax.ptq`."""
 
 from qlip_jax.quant.fake_quant import fake_quant, fake_quant_or_float, round_ste
 from qlip_jax.quant.layers import QConv, QDense, QMatmul

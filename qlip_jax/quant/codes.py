@@ -20,7 +20,7 @@ round a float kernel at run time (:func:`qlip_jax.quant.layers.quantize_weight`)
 still used by the full-precision candidate.
 
 Storage: codes of at most 4 bits are packed two per byte (:func:`pack_int4`), wider ones stored as
-int8, in a safetensors file beside the per-channel scales (:mod:`qlip_jax.quant.persist`).
+int8, in a safetensors file beside the per-channel scales (:mod:`qlip_jax.ptq.persist`).
 """
 
 from __future__ import annotations

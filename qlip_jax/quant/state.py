@@ -203,7 +203,7 @@ class QuantSetup:
     ``registry`` is a :class:`~qlip_jax.quant.registry.Registry` (its layer order defines the
     schedule's ``L`` axis). ``info`` is free-form provenance (calibration method, options, logs); it is
     not part of the quantizer. ``ptqd`` is an optional output correction applied by the sampler
-    (:class:`~qlip_jax.quant.ptqd.PTQDCorrection`, method ``ptqd``); it is kept apart from ``state``,
+    (:class:`~qlip_jax.sampling.correction.PTQDCorrection`, method ``ptqd``); it is kept apart from ``state``,
     which holds one entry per layer only.
     """
 

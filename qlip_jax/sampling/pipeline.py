@@ -15,7 +15,7 @@ scheduler kind, step count, image size, quantizer config.
 ``T`` is the length of the scheduler's actual timestep array (PNDM in PLMS mode evaluates the model
 once more than the requested step count), and a schedule must have exactly ``T`` steps.
 
-A quantizer with a PTQD correction (``quant.ptqd``, :mod:`qlip_jax.quant.ptqd`) has its guided
+A quantizer with a PTQD correction (``quant.ptqd``, :mod:`qlip_jax.ptq.ptqd`) has its guided
 noise prediction corrected per prompt and step under a schedule (and, for DDIM with ``eta > 0``, its
 fresh-noise std reduced); the correction's tables are traced inputs too.
 
@@ -51,7 +51,7 @@ from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
 from qlip_jax.models.unet import UNet2DConditionModel, default_attention_chunk
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
-from qlip_jax.quant import ptqd
+from qlip_jax.sampling import correction
 from qlip_jax.quant.codes import add_weight_codes, has_codes
 from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
 from qlip_jax.sampling import schedulers
@@ -145,8 +145,8 @@ class Text2Image:
             self.quant = quant
         self._ptqd = quant is not None and quant.ptqd is not None
         if self._ptqd:
-            ptqd.check_sampler(quant.ptqd, self.sched)
-            self._mac_share = ptqd.mac_shares(quant.registry)
+            correction.check_sampler(quant.ptqd, self.sched)
+            self._mac_share = correction.mac_shares(quant.registry)
         self._traces = [0]  # times the sampling function was traced (tests); shared by with_params copies
         self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._sample = jax.jit(self._sample_impl, static_argnames="keep_trajectory")
@@ -331,7 +331,7 @@ class Text2Image:
             noise = draw(keys, 1, i)                                  # DDIM eta > 0 only
             sigma = None
             if q is not None and self._ptqd:                         # PTQD output correction
-                eps, sigma = ptqd.sampler_correction(params["ptqd"], sched, i, idx, eps, g,
+                eps, sigma = correction.sampler_correction(params["ptqd"], sched, i, idx, eps, g,
                                                      self._mac_share, self.quant.config.num_quantized)
             x_next, state = schedulers.step(sched, state, i, eps, x, noise, sigma=sigma)
             return (x_next, state), (x if keep_trajectory else None)

@@ -48,7 +48,7 @@ the sample is wider) and returns the sample's dtype.
 Shapes: ``sample``, ``model_output`` and ``noise`` share any shape ``[*S]`` (latents are NHWC,
 ``[B, H, W, C]``); the coefficients of a step are scalars shared by the whole batch.
 
-PTQD variance absorption (:mod:`qlip_jax.quant.ptqd`): PTQD treats the uncorrelated part of a
+PTQD variance absorption (:mod:`qlip_jax.ptq.ptqd`): PTQD treats the uncorrelated part of a
 quantized model's output error as extra Gaussian noise already injected into ``x_prev`` (with
 coefficient :func:`ddim_output_coefficient`) and removes that much variance from DDIM's own fresh
 noise: :func:`ddim_absorbed_sigma` gives ``sigma'_i = sqrt(max(sigma_i^2 - c_i^2 var, 0))`` per

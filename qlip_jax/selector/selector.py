@@ -22,7 +22,7 @@ import numpy as np
 from qlip_jax.atomic import atomic_dir, write_json
 from qlip_jax.errors import BadFile, MismatchError, MissingFile, describe
 from qlip_jax.models.io import flat_leaves, load_safetensors_file, read_json, require_fields, write_safetensors
-from qlip_jax.quant.persist import load_quant_setup, model_fingerprint
+from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.state import QuantSetup
 from qlip_jax.selector.q2b import Q2B, Q2BConfig, hard_indices
 from qlip_jax.selector.t2q import T2Q

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from qlip_jax.memory import accumulate_value_and_grad, check_micro_batch
-from qlip_jax.quant import ptqd
+from qlip_jax.sampling import correction
 from qlip_jax.quant.state import QuantArgs
 from qlip_jax.sampling.guidance import guided_output
 
@@ -85,11 +85,11 @@ def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn:
     ``penalty_fn(probs) -> scalar`` the bit penalty (a mean over the rows).
 
     With a PTQD base quantizer (``quant.ptqd``) the quantized output is corrected as the sampler
-    corrects it (:func:`qlip_jax.quant.ptqd.correct_output`, the tables mixed by each row's MAC share
+    corrects it (:func:`qlip_jax.sampling.correction.correct_output`, the tables mixed by each row's MAC share
     per candidate, through the straight-through choice), so Q2B learns against what sampling runs.
     """
     cfg, names = quant.config, quant.registry.names
-    share = None if quant.ptqd is None else ptqd.mac_shares(quant.registry)
+    share = None if quant.ptqd is None else correction.mac_shares(quant.registry)
 
     def loss_fn(params, frozen, batch):
         probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
@@ -103,7 +103,7 @@ def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn:
         eps_q = guided_output(unet, frozen["unet"], batch["x_hat"], batch["t"], batch["cond"], batch["uncond"],
                               batch["guidance"], q)
         if share is not None:
-            eps_q = ptqd.correct_output(frozen["ptqd"], batch["step"], ptqd.mix_weights(mix, share), eps_q)
+            eps_q = correction.correct_output(frozen["ptqd"], batch["step"], correction.mix_weights(mix, share), eps_q)
         mse = jnp.mean((jax.lax.stop_gradient(eps_fp) - eps_q) ** 2)
         pen = penalty_fn(probs)
         loss = mse + frozen["lambda_bit"] * pen

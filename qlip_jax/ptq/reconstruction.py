@@ -3,7 +3,7 @@
 What is learned
 ---------------
 Starting from a calibrated state (``mse`` clipping by default, see
-:func:`~qlip_jax.quant.calibration.calibrate`), with the UNet params and the weight step sizes frozen:
+:func:`~qlip_jax.ptq.calibration.calibrate`), with the UNet params and the weight step sizes frozen:
 
 * **AdaRound** (Nagel et al., 2020) for every conv/linear kernel at the fixed ``weight_bits``: one
   variable ``V`` per weight element; the soft weight is ``s * clip(floor(W / s) + h(V), qmin, qmax)``

@@ -151,7 +151,7 @@ def load_quant_setup(directory: str, fingerprint: str, unet_params: dict | None 
                       "calibrate it again with train/calibrate.py") from e
     correction = None
     if info.get("has_ptqd"):
-        from qlip_jax.quant.ptqd import PTQDCorrection
+        from qlip_jax.sampling.correction import PTQDCorrection
 
         state, correction = state["state"], PTQDCorrection.from_dict(state["ptqd"])
     if info.get("weight_codes"):

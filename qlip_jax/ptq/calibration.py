@@ -12,14 +12,14 @@ Methods (:func:`calibrate`, every candidate activation width at once, weights at
 * ``mse``: activation range and per-channel weight scale minimising the quantization MSE.
 * ``qdiff``: Q-Diffusion / BRECQ: the ``mse`` state, then AdaRound weight rounding and LSQ activation
   step sizes learned by output reconstruction on the calibration data
-  (:mod:`qlip_jax.quant.reconstruction`).
+  (:mod:`qlip_jax.ptq.reconstruction`).
 * ``tdq``: TDQ-style step-dependent activation quantizers: ``a_scale, a_zero [S, K]`` with one row
   per sampler step (``S = pipe.num_steps``), MSE-clipped on the calibration inputs of that step
   (steps absent from the data copy the nearest calibrated step); weights as ``mse``. The quantized
   UNet reads the row of ``QuantArgs.step`` (the sampler passes its step index).
 * ``ptqd``: PTQD: a base quantizer (``qdiff`` by default, option ``init``) plus a correction of the
   UNet output's quantization noise per sampler step and candidate (``QuantSetup.ptqd``, applied by
-  the sampler; :mod:`qlip_jax.quant.ptqd`), fitted for ``pipe``'s timesteps.
+  the sampler; :mod:`qlip_jax.ptq.ptqd`), fitted for ``pipe``'s timesteps.
 
 Split quantization (Q-Diffusion's shortcut splitting): layers whose input is the up blocks'
 ``concat([hidden, skip])`` (their ``split`` field, see :func:`~qlip_jax.quant.registry.concat_splits`)
@@ -362,7 +362,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
       **opts: ``tdq``: ``clip`` (``"mse"`` or ``"percentile"``). ``qdiff``: ``init`` (the starting
         state's method, default ``"mse"``; ``"tdq"`` refines a step table; or an already calibrated
         :class:`QuantSetup` of the same config and model, e.g. an ``mse`` one) and the fields of
-        :class:`~qlip_jax.quant.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
+        :class:`~qlip_jax.ptq.reconstruction.ReconOptions` (``iters``, ``batch``, ``granularity``,
         ``lr_weight``, ``lr_act``, ``reg_weight``, ``warmup``, ``beta_start``, ``beta_end``,
         ``learn_weights``, ``learn_act``, ``seed``, ``log_every``). ``ptqd``: ``init`` (the base
         quantizer: a method name, default ``"qdiff"``, or a calibrated :class:`QuantSetup`, e.g. a
@@ -377,7 +377,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         return _calibrate_ptqd(pipe, config, data, split_concat, batch_size, progress, **opts)
     allowed = {"tdq": {"clip"}, "qdiff": None}.get(method, set())
     if method == "qdiff":
-        from qlip_jax.quant.reconstruction import ReconOptions
+        from qlip_jax.ptq.reconstruction import ReconOptions
         allowed = {"init", "clip"} | {f.name for f in dataclasses.fields(ReconOptions)} - {"progress"}
     unknown = set(opts) - allowed
     if unknown:
@@ -398,7 +398,7 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
         return clipped_state(unet, params, registry, config, data, m, batch_size, splits)
 
     if method == "qdiff":
-        from qlip_jax.quant.reconstruction import ReconOptions, reconstruct
+        from qlip_jax.ptq.reconstruction import ReconOptions, reconstruct
 
         opts = dict(opts)
         init = opts.pop("init", "mse")
@@ -430,7 +430,8 @@ def with_codes(state: dict, unet_params: dict, config: QuantConfig) -> dict:
 def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_concat: bool, batch_size: int,
                     progress: bool, init="qdiff", pixels: int | None = None, **opts) -> QuantSetup:
     """``calibrate(method="ptqd")``: the ``init`` quantizer, then the PTQD correction on ``data``."""
-    from qlip_jax.quant import ptqd
+    from qlip_jax.ptq import ptqd
+    from qlip_jax.sampling.correction import summary
 
     if isinstance(init, QuantSetup):
         if opts:
@@ -449,5 +450,5 @@ def _calibrate_ptqd(pipe, config: QuantConfig, data: CalibrationData, split_conc
                          f"QuantSetup, got {init!r}")
     corr = ptqd.calibrate_correction(pipe, base, data, pixels or ptqd.DEFAULT_PIXELS, batch_size)
     info = {"method": "ptqd", "init": init.info.get("method", "given") if isinstance(init, QuantSetup)
-            else init, "pixels": pixels or ptqd.DEFAULT_PIXELS, "base": base.info, "ptqd": ptqd.summary(corr)}
+            else init, "pixels": pixels or ptqd.DEFAULT_PIXELS, "base": base.info, "ptqd": summary(corr)}
     return QuantSetup(config, base.registry, base.state, info, ptqd=corr)
