@@ -22,10 +22,12 @@ def _prompt_file(tmp_path) -> str:
     return str(path)
 
 
-def test_sample_writes_a_captioned_grid(tiny_sd_dir, tmp_path):
+def test_sample_writes_a_captioned_grid(tiny_sd_dir, tiny_quant_dir, tmp_path):
+    """Two prompts at W4A8 from a quantizer folder: the sampler the other tests of this file compile (the
+    same steps, batch and quantizer), so it comes from the run's compile cache."""
     out = tmp_path / "grid.png"
     assert main(["sample", "--model", tiny_sd_dir, "--prompt", "a red star", "--prompt", "a blue circle",
-                 "--steps", "3", "--precision", "w8a8", "--prompts", _prompt_file(tmp_path), "--calib-prompts", "2",
+                 "--steps", str(STEPS), "--guidance", "3", "--precision", "w4a8", "--quant", tiny_quant_dir,
                  "--out", str(out)]) == 0
     img = np.asarray(Image.open(out))
     assert img.ndim == 3 and img.shape[1] == 2 * 64 and img.std() > 1  # two 32px tiles upscaled x2
@@ -38,7 +40,7 @@ def test_sample_prompt_file_and_no_silent_scene_calibration(tiny_sd_dir, tmp_pat
     from qlip_jax.data.sources import FileSource
 
     path = _prompt_file(tmp_path)
-    base = ["sample", "--model", tiny_sd_dir, "--steps", "2", "--precision", "w8a8"]
+    base = ["sample", "--model", tiny_sd_dir, "--steps", str(STEPS), "--precision", "w8a8"]
     assert main(base + ["--prompts", path, "--n", "2", "--calib-prompts", "3", "--out", str(tmp_path / "a.png")]) == 0
     out = capsys.readouterr()
     want = [p.text for p in FileSource(path).prompts("eval")[:2]]
@@ -111,7 +113,10 @@ def test_sample_json_schedule_and_quantizer_choice(tiny_sd, tiny_sd_dir, tiny_qu
     path = tmp_path / "s.json"
     save_schedule_json(path, sched, setup.registry, setup.config, prompt="a red star")
     fab = f"average activation bits {(32 + 6 * (STEPS - 1)) / STEPS:.2f}: a red star"
-    base = ["sample", "--model", tiny_sd_dir, "--prompt", "a red star", "--steps", str(STEPS), "--guidance", "3"]
+    # two prompts (as in the other tests of this file: one compiled sampler serves them all); the schedule
+    # applies to both, and the first line is the first prompt's
+    base = ["sample", "--model", tiny_sd_dir, "--prompt", "a red star", "--prompt", "a blue circle", "--steps",
+            str(STEPS), "--guidance", "3"]
     assert main(base + ["--precision", str(path), "--quant", tiny_quant_dir, "--out", str(tmp_path / "j.png")]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[0] == fab and "min-max" not in out.err
