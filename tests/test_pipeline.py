@@ -19,12 +19,17 @@ PROMPTS = ["a red star", "a large striped blue circle at the top left on a yello
            "a shape", "two squares"]
 
 
+STEPS = 3  # sampler steps of the shared samplers (the step-indexed guidance tests need at least 3)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_sd):
-    pipe = Text2Image(tiny_sd, "ddim", steps=6)
-    quant = calibrate_minmax(pipe, QuantConfig(act_bits=(4, 6, 8), weight_bits=8), PROMPTS[:2],
+    """``(sd, W4 A4/A6/A8 min-max DDIM sampler)``, calibrated as tiny_qlip's ``tiny_quant_dir`` is (same
+    programs as the other test files' tiny quantizer); its compiled programs serve every test here."""
+    pipe = Text2Image(tiny_sd, "ddim", steps=STEPS)
+    quant = calibrate_minmax(pipe, QuantConfig(act_bits=(4, 6, 8), weight_bits=4), ["a red star", "two blue squares"],
                              [0, 1], guidance=3.0)
-    return tiny_sd, Text2Image(tiny_sd, "ddim", steps=6, quant=quant)
+    return tiny_sd, Text2Image(tiny_sd, "ddim", steps=STEPS, quant=quant)
 
 
 def test_same_seed_same_image_and_fp_schedule_equals_float(setup):
@@ -59,12 +64,12 @@ def test_with_params_reuses_the_compiled_loop_and_leaves_the_original(setup):
     """Other weights through ``with_params`` sample as a sampler built on them would, without a new
     trace, and the original sampler keeps its own weights."""
     sd, _ = setup
-    pipe = Text2Image(sd, "ddim", steps=6)
+    pipe = Text2Image(sd, "ddim", steps=STEPS)
     before = pipe.generate(PROMPTS[:2], guidance=3.0)
     other = jax.tree.map(lambda x: x * 1.1, sd.params)
     swapped = pipe.with_params(other).generate(PROMPTS[:2], guidance=3.0)
     assert pipe.trace_count == 1
-    fresh = Text2Image(dataclasses.replace(sd, params=other), "ddim", steps=6)
+    fresh = Text2Image(dataclasses.replace(sd, params=other), "ddim", steps=STEPS)
     assert np.array_equal(swapped, fresh.generate(PROMPTS[:2], guidance=3.0))
     assert not np.array_equal(swapped, before)
     assert np.array_equal(pipe.generate(PROMPTS[:2], guidance=3.0), before)
@@ -72,13 +77,15 @@ def test_with_params_reuses_the_compiled_loop_and_leaves_the_original(setup):
 
 
 def test_batch_independence(setup):
+    """Each row of a batch under its own random schedule equals that row sampled alone (1-row batch)."""
     sd, pipe = setup
     rng = np.random.default_rng(1)
     k, steps, layers = pipe.quant.config.num_candidates, pipe.num_steps, len(pipe.quant.registry)
-    scheds = rng.integers(0, k, (3, steps, layers)).astype(np.int32)
-    together = pipe(pipe.encode(PROMPTS[:3]), [7, 8, 9], 4.0, scheds)
-    alone = pipe(pipe.encode(PROMPTS[1:2]), [8], 4.0, scheds[1:2])
-    np.testing.assert_allclose(together[1].astype(int), alone[0].astype(int), atol=1)
+    scheds = rng.integers(0, k, (2, steps, layers)).astype(np.int32)
+    together = pipe(pipe.encode(PROMPTS[1:3]), [8, 9], 4.0, scheds)
+    for row in range(2):
+        alone = pipe(pipe.encode(PROMPTS[1 + row:2 + row]), [8 + row], 4.0, scheds[row:row + 1])
+        np.testing.assert_allclose(together[row].astype(int), alone[0].astype(int), atol=1)
 
 
 def test_guidance_per_step(setup):
@@ -109,7 +116,7 @@ def test_guidance_per_step(setup):
     assert np.array_equal(traj0, traj1) and not np.array_equal(img0, img1)
     _, traj2 = pipe.trajectory(emb, [3, 4], step1)
     assert np.array_equal(traj0[:2], traj2[:2]) and not np.allclose(traj0[2], traj2[2])
-    with pytest.raises(ValueError, match=r"one per step \(6\)"):
+    with pytest.raises(ValueError, match=rf"one per step \({pipe.num_steps}\)"):
         pipe(emb, [3, 4], np.full(pipe.num_steps + 1, 3.0))
     with pytest.raises(ValueError, match="finite"):
         pipe(emb, [3, 4], np.where(np.arange(pipe.num_steps) == 2, np.inf, 3.0))
@@ -233,17 +240,18 @@ def test_image_size_must_suit_both_downsamplings(tiny_sd):
             Text2Image(tiny_sd, "ddim", 2, height=height, width=width)
 
 
-def test_batch_invariant_images_equal_across_batch_sizes(tiny_sd):
+def test_batch_invariant_images_equal_across_batch_sizes(setup):
     """``batch_invariant=True``: a prompt's image is bit-identical alone, in a batch of 3 and of 8 (other
     companions, other seeds), in W4A8 and under a random schedule mixing every candidate (float rows
     included); one compilation serves every batch size and schedule."""
-    fp = Text2Image(tiny_sd, "ddim", steps=3)
+    tiny_sd, shared = setup
     prompts = PROMPTS + ["a green triangle", "three stars", "a yellow circle", "a blue square"]
-    quant = calibrate_minmax(fp, QuantConfig(act_bits=(4, 8), weight_bits=4), PROMPTS[:2], [0, 1], guidance=3.0)
-    pipe = Text2Image(tiny_sd, "ddim", steps=3, quant=quant, batch_invariant=True)
+    quant = shared.quant  # W4, candidates A4/A6/A8 + float
+    pipe = Text2Image(tiny_sd, "ddim", steps=STEPS, quant=quant, batch_invariant=True)
     rng = np.random.default_rng(0)
     shape = (8, pipe.num_steps, len(quant.registry))
-    scheds = {"w4a8": pipe.uniform_schedule(8, 8), "random": rng.integers(0, 3, shape).astype(np.int32)}
+    scheds = {"w4a8": pipe.uniform_schedule(8, 8),
+              "random": rng.integers(0, quant.config.num_candidates, shape).astype(np.int32)}
     emb = {n: pipe.encode(prompts[8 - n:]) for n in (1, 3, 8)}   # the last prompt is in every batch
     for name, sched in scheds.items():
         images = {n: pipe(emb[n], np.arange(8 - n, 8), 3.0, sched[8 - n:]) for n in (1, 3, 8)}
@@ -253,4 +261,4 @@ def test_batch_invariant_images_equal_across_batch_sizes(tiny_sd):
     assert pipe.trace_count == 1
     assert not np.array_equal(images[8][-1], pipe(emb[1], [7], 3.0, scheds["w4a8"][-1:])[0])
     with pytest.raises(ValueError, match="mesh"):
-        Text2Image(tiny_sd, "ddim", steps=3, batch_invariant=True, mesh=object())
+        Text2Image(tiny_sd, "ddim", steps=STEPS, batch_invariant=True, mesh=object())

@@ -1,10 +1,10 @@
 """Flax UNet: parity with diffusers, weight I/O round trip, quantized path, one compilation, errors."""
 
+import functools
 import json
 import os
 import shutil
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +29,14 @@ def _inputs(batch=2, hw=16, ctx=(7, 24), seed=0):
     return x, t, c
 
 
+@functools.lru_cache(maxsize=None)
+def _float_apply(cfg, dtype=jnp.float32):
+    """One jitted float UNet ``(params, x, t, c) -> out`` per config and compute dtype, shared by the
+    tests of this module (one compilation per input shape instead of an op-by-op run)."""
+    model = UNet2DConditionModel(cfg, dtype=dtype)
+    return jax.jit(lambda params, x, t, c: model.apply({"params": params}, x, t, c))
+
+
 def _torch_out(unet, x, t, c):
     with torch.no_grad():
         y = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(c))
@@ -38,7 +46,7 @@ def _torch_out(unet, x, t, c):
 def test_parity_sd_v1_layout(tiny_unet_dir):
     cfg, params = load_unet(tiny_unet_dir)
     x, t, c = _inputs()
-    ours = UNet2DConditionModel(cfg).apply({"params": params}, x, t, c)
+    ours = _float_apply(cfg)(params, x, t, c)
     ref = _torch_out(TorchUNet.from_pretrained(tiny_unet_dir).eval(), x, t, c)
     assert rel_err(ours, ref) <= 1e-4
 
@@ -55,7 +63,7 @@ def test_parity_linear_projection_per_block_heads_depth(tmp_path):
     unet.save_pretrained(tmp_path)
     cfg, params = load_unet(str(tmp_path))
     x, t, c = _inputs(batch=3, seed=1)
-    ours = UNet2DConditionModel(cfg).apply({"params": params}, x, t, c)
+    ours = _float_apply(cfg)(params, x, t, c)
     assert rel_err(ours, _torch_out(unet, x, t, c)) <= 1e-4
 
 
@@ -69,7 +77,7 @@ def test_parity_without_mid_block(tmp_path):
     cfg, params = load_unet(str(tmp_path))
     assert "mid_block" not in params
     x, t, c = _inputs(seed=3)
-    ours = UNet2DConditionModel(cfg).apply({"params": params}, x, t, c)
+    ours = _float_apply(cfg)(params, x, t, c)
     assert rel_err(ours, _torch_out(unet, x, t, c)) <= 1e-4
     assert not any(n.startswith("mid_block") for n in unet_registry(cfg, (16, 16), (7, 24)).names)
 
@@ -79,7 +87,7 @@ def test_save_then_diffusers_loads(tiny_unet_dir, tmp_path):
     save_unet(str(tmp_path), cfg, params)
     reloaded = TorchUNet.from_pretrained(str(tmp_path)).eval()
     x, t, c = _inputs(seed=2)
-    ours = UNet2DConditionModel(cfg).apply({"params": params}, x, t, c)
+    ours = _float_apply(cfg)(params, x, t, c)
     assert rel_err(ours, _torch_out(reloaded, x, t, c)) <= 1e-4
     # byte-identical tensors after a full round trip
     a, b = load_file(f"{tiny_unet_dir}/diffusion_pytorch_model.safetensors"), load_file(
@@ -92,33 +100,50 @@ def quant_setup(tiny_unet_dir):
     cfg, params = load_unet(tiny_unet_dir)
     model = UNet2DConditionModel(cfg)
     x, t, c = _inputs()
-    _, stats = model.apply({"params": params}, x, t, c, mutable=["act_stats"])
+    _, stats = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=["act_stats"]))(params, x, t, c)
     return cfg, params, model, (x, t, c), stats["act_stats"]
 
 
-def _quant_apply(model, reg, qcfg, inputs):
-    x, t, c = inputs
+def _quant_apply(model, reg, qcfg):
+    """``(run, traces)``: jitted ``run(params, state, idx [B, L], x, t, c)`` and how many times it was traced
+    (``traces[0]``)."""
+    traces = [0]
 
     @jax.jit
-    def run(params, state, idx):
+    def run(params, state, idx, x, t, c):
+        traces[0] += 1
         return model.apply({"params": params}, x, t, c, QuantArgs.from_indices(state, idx, reg.names, qcfg))
 
-    return run
+    return run, traces
 
 
-def test_full_precision_exact_and_error_grows_as_bits_shrink(quant_setup):
+@pytest.fixture(scope="module")
+def quant_runs(quant_setup):
+    """``(registry, {weight_bits: (config, state, run, traces)})``: min-max W8 and W4, activation candidates
+    A4/A6/A8/A16 + float, the attention matmuls quantized too; each ``run`` is compiled once (batch 2) for
+    every test of the module."""
     cfg, params, model, inputs, stats = quant_setup
     reg = unet_registry(cfg, (16, 16), (7, 24), quantize_attn_matmul=True)
-    float_out = jax.jit(lambda p: model.apply({"params": p}, *inputs))(params)
-    errors = {}
+    runs = {}
     for wbits in (8, 4):
         qcfg = QuantConfig(act_bits=(4, 6, 8, 16), weight_bits=wbits, quantize_attn_matmul=True)
-        state = init_quant_state(params, reg, qcfg, stats)
-        run = _quant_apply(model, reg, qcfg, inputs)
-        fp = run(params, state, jnp.full((2, len(reg)), qcfg.fp_index, jnp.int32))
+        state = jax.jit(lambda p, s, q=qcfg: init_quant_state(p, reg, q, s))(params, stats)  # one program
+        runs[wbits] = (qcfg, state, *_quant_apply(model, reg, qcfg))
+    return reg, runs
+
+
+def test_full_precision_exact_and_error_grows_as_bits_shrink(quant_setup, quant_runs):
+    cfg, params, model, inputs, stats = quant_setup
+    reg, runs = quant_runs
+    float_out = _float_apply(cfg)(params, *inputs)
+    errors = {}
+    for wbits in (8, 4):
+        qcfg, state, run, _ = runs[wbits]
+        fp = run(params, state, jnp.full((2, len(reg)), qcfg.fp_index, jnp.int32), *inputs)
         assert bool((fp == float_out).all()), "full precision must be bit-exact"
         for k, abits in enumerate(qcfg.act_bits):
-            errors[wbits, abits] = rms_rel_err(run(params, state, jnp.full((2, len(reg)), k, jnp.int32)), float_out)
+            errors[wbits, abits] = rms_rel_err(run(params, state, jnp.full((2, len(reg)), k, jnp.int32), *inputs),
+                                               float_out)
     # W8A8 min-max: a few % RMS noise on this random, untrained net (W8 alone ~2.5%, A8 alone ~4%;
     # each 2 fewer bits multiply it by ~4, as uniform quantization noise should)
     assert errors[8, 8] < 0.06, errors
@@ -129,32 +154,30 @@ def test_full_precision_exact_and_error_grows_as_bits_shrink(quant_setup):
     assert errors[4, 16] > errors[8, 16]
 
 
-def test_one_compilation_across_bit_assignments_and_mixed_rows(quant_setup):
+def test_one_compilation_across_bit_assignments_and_mixed_rows(quant_setup, quant_runs):
+    """W4, the attention matmuls quantized too (the program the test above compiles, shared)."""
     cfg, params, model, inputs, stats = quant_setup
-    reg = unet_registry(cfg, (16, 16), (7, 24))
-    qcfg = QuantConfig(act_bits=(4, 6, 8), weight_bits=4)
-    state = init_quant_state(params, reg, qcfg, stats)
+    reg, runs = quant_runs
+    qcfg, state, run, traces = runs[4]
     x, t, c = inputs
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def run(state, idx):
-        return model.apply({"params": params}, x, t, c, QuantArgs.from_indices(state, idx, reg.names, qcfg))
 
     rng = np.random.default_rng(0)
     outs = []
-    for _ in range(6):
+    for i in range(6):
         idx = rng.integers(0, qcfg.num_candidates, (2, len(reg))).astype(np.int32)
-        outs.append(run(state, jnp.asarray(idx)))
+        outs.append(run(params, state, jnp.asarray(idx), x, t, c))
+        if i == 0:
+            assert traces[0] == 1  # traced here, or by another test of the module
     fp = np.full((1, len(reg)), qcfg.fp_index, np.int32)
     low = np.zeros((1, len(reg)), np.int32)
-    both = run(state, jnp.asarray(np.concatenate([fp, low])))
+    both = run(params, state, jnp.asarray(np.concatenate([fp, low])), x, t, c)
+    assert traces[0] == 1  # no new trace for other bit assignments and mixed rows
     assert not np.allclose(outs[0], outs[1])
     # a row's output depends on its own indices only: rerun rows alone, 1-row batch, separate jit
+    alone_run = jax.jit(lambda p, s, i, *a: model.apply({"params": p}, *a, QuantArgs.from_indices(
+        s, i, reg.names, qcfg)))
     for row, idx in ((0, fp), (1, low)):
-        alone = jax.jit(lambda s, i, r=row: model.apply(
-            {"params": params}, x[r:r + 1], t[r:r + 1], c[r:r + 1],
-            QuantArgs.from_indices(s, i, reg.names, qcfg)))(state, jnp.asarray(idx))
+        alone = alone_run(params, state, jnp.asarray(idx), x[row:row + 1], t[row:row + 1], c[row:row + 1])
         np.testing.assert_allclose(both[row], alone[0], rtol=0, atol=1e-5)
 
 
@@ -203,7 +226,7 @@ def test_bad_inputs_name_the_problem(tiny_unet_dir, tmp_path):
 
 def test_bfloat16_compute_without_touching_params(quant_setup):
     cfg, params, model, (x, t, c), stats = quant_setup
-    ref = model.apply({"params": params}, x, t, c)
-    out = UNet2DConditionModel(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, t, c)
+    ref = _float_apply(cfg)(params, x, t, c)
+    out = _float_apply(cfg, jnp.bfloat16)(params, x, t, c)
     assert out.dtype == jnp.bfloat16 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     assert rms_rel_err(out.astype(jnp.float32), ref) < 0.05
