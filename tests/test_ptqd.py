@@ -26,9 +26,10 @@ SD_V1 = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
 
 
 @pytest.fixture(scope="module")
-def calib(tiny_sd):
-    pipe = Text2Image(tiny_sd, "ddim", steps=4)
-    data = collect_calibration_data(pipe, CALIB_PROMPTS, [0, 1], guidance=3.0)
+def calib(calib):
+    """The session's float DDIM 4-step sampler and its calibration data (``CALIB_PROMPTS``, seeds 0 and 1,
+    guidance 3: the conftest fixture, collected once per session), and their PTQD setup."""
+    pipe, data = calib
     # PTQD on the cheap min-max base (the default base, qdiff, only changes the state it starts from)
     return pipe, data, calibrate(pipe, CONFIG, data, "ptqd", init="minmax")
 

@@ -91,15 +91,19 @@ def test_adaround_decision_is_folded_into_the_codes(calib, baselines, qdiff):
 
 
 def test_adaround_primitives():
-    w = jax.random.normal(jax.random.key(0), (3, 3, 4, 5)) * 0.1
-    s = jnp.max(jnp.abs(w), axis=(0, 1, 2)) / 7.0
-    bits = jnp.float32(4)
-    up = ((w / s - jnp.floor(w / s)) >= 0.5).astype(jnp.int8)
-    np.testing.assert_allclose(adaround_fake_quant(w, s, up, bits), fake_quant(w, s, 0.0, bits, signed=True),
-                               atol=1e-6)
+    @jax.jit  # (one program, not one per operation)
+    def primitives(key):
+        w = jax.random.normal(key, (3, 3, 4, 5)) * 0.1
+        s = jnp.max(jnp.abs(w), axis=(0, 1, 2)) / 7.0
+        bits = jnp.float32(4)
+        up = ((w / s - jnp.floor(w / s)) >= 0.5).astype(jnp.int8)
+        return (w, adaround_fake_quant(w, s, up, bits), fake_quant(w, s, 0.0, bits, signed=True),
+                adaround_fake_quant(w, s, rectified_sigmoid(adaround_init(w, s)), bits))
+
+    w, hard, nearest, soft = primitives(jax.random.key(0))
+    np.testing.assert_allclose(hard, nearest, atol=1e-6)
     # the soft rounding starts at the float weight
-    np.testing.assert_allclose(adaround_fake_quant(w, s, rectified_sigmoid(adaround_init(w, s)), bits), w,
-                               atol=1e-5)
+    np.testing.assert_allclose(soft, w, atol=1e-5)
     with pytest.raises(ValueError, match="granularity"):
         ReconOptions(granularity="layer")
 
@@ -115,7 +119,7 @@ def test_lsq_gradients_reach_both_split_scales():
                                  skip=(sk, jnp.array([8.0]), jnp.int32(3)))
         return jnp.sum((y - x) ** 2)
 
-    g = jax.grad(loss, argnums=(0, 1))(jnp.array([0.01]), jnp.array([1.5]))
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.array([0.01]), jnp.array([1.5]))  # (one program)
     assert all(bool(jnp.isfinite(v).all()) and float(jnp.abs(v).sum()) > 0 for v in g)
 
 
@@ -138,32 +142,34 @@ def test_split_quantization_synthetic_concat():
     b = 20.0 * jax.random.normal(jax.random.key(1), (4, 8, 8, 10))
     x = jnp.concatenate([a, b], axis=-1)
     conv = QConv(8, (3, 3), padding=1, split=6)
-    params = conv.init(jax.random.key(2), x)["params"]
-    _, col = conv.apply({"params": params}, x, mutable=["act_stats"])
+    params = jax.jit(lambda k: conv.init(k, x)["params"])(jax.random.key(2))
+    _, col = jax.jit(lambda p: conv.apply({"params": p}, x, mutable=["act_stats"]))(params)
     stats = {"layer": col["act_stats"]}
     from qlip_jax.quant.registry import LayerInfo, Registry
     reg = Registry((LayerInfo("layer", "conv", 1, 8),))
     single = init_quant_state({"layer": params}, reg, cfg, stats)["layer"]
     split = init_quant_state({"layer": params}, reg, cfg, stats, splits={"layer": 6})["layer"]
     assert int(split["split"]) == 6 and split["a_scale_skip"].shape == (2,)
-    q = QuantArgs(state={}, idx={}, config=cfg)
-    idx = jnp.zeros(4, jnp.int32)
-    err_single = float(jnp.mean((_quantize_activation(x, single["a_scale"], single["a_zero"], idx, q) - x) ** 2))
-    err_split = float(jnp.mean((_quantize_activation(x, split["a_scale"], split["a_zero"], idx, q,
-                                                     skip=(split["a_scale_skip"], split["a_zero_skip"],
-                                                           split["split"])) - x) ** 2))
-    small_single = float(jnp.mean((_quantize_activation(x, single["a_scale"], single["a_zero"], idx, q)
-                                   - x)[..., :6] ** 2))
-    small_split = float(jnp.mean((_quantize_activation(x, split["a_scale"], split["a_zero"], idx, q,
-                                                       skip=(split["a_scale_skip"], split["a_zero_skip"],
-                                                             split["split"])) - x)[..., :6] ** 2))
+
+    @jax.jit  # the error measurements as one program (op by op they compiled ~90 small ones)
+    def errors(single, split):
+        q = QuantArgs(state={}, idx={}, config=cfg)
+        idx = jnp.zeros(4, jnp.int32)
+        d_single = _quantize_activation(x, single["a_scale"], single["a_zero"], idx, q) - x
+        d_split = _quantize_activation(x, split["a_scale"], split["a_zero"], idx, q,
+                                       skip=(split["a_scale_skip"], split["a_zero_skip"], split["split"])) - x
+        # the quantized layer itself uses the split state
+        out = {n: conv.apply({"params": params}, x, QuantArgs(state={"": st}, idx={"": idx}, config=cfg))
+               for n, st in (("single", single), ("split", split))}
+        ref = conv.apply({"params": params}, x)
+        return (jnp.mean(d_single ** 2), jnp.mean(d_split ** 2), jnp.mean(d_single[..., :6] ** 2),
+                jnp.mean(d_split[..., :6] ** 2), jnp.mean((out["single"] - ref) ** 2),
+                jnp.mean((out["split"] - ref) ** 2))
+
+    err_single, err_split, small_single, small_split, out_single, out_split = map(float, errors(single, split))
     assert err_split < err_single
     assert small_split < 0.1 * small_single  # the small-range half is no longer crushed to zero
-    # the quantized layer itself uses the split state
-    out = {n: conv.apply({"params": params}, x, QuantArgs(state={"": st}, idx={"": idx}, config=cfg))
-           for n, st in (("single", single), ("split", split))}
-    ref = conv.apply({"params": params}, x)
-    assert float(jnp.mean((out["split"] - ref) ** 2)) < float(jnp.mean((out["single"] - ref) ** 2))
+    assert out_split < out_single
 
 
 def test_split_quantization_in_the_unet_up_blocks(calib, baselines):
@@ -224,7 +230,12 @@ def test_tdq_tables_differ_across_steps_and_fill_missing_steps(calib, tdq, basel
     assert varying > len(tdq.state) // 2, varying
     assert _err(pipe, data, tdq, 0) < _err(pipe, data, baselines["minmax"], 0)
     np.testing.assert_array_equal(nearest_rows([0, 3], 5), [0, 0, 3, 3, 3])
-    part = calibrate(pipe, CONFIG, data.subset(np.isin(data.step_index, [0, 3])), "tdq")
+    # steps 0 and 3 only, each row twice: the full data's row count, so the statistics passes run the
+    # programs the fixture compiled (duplicated rows leave the calibrated steps' set unchanged)
+    rows = np.flatnonzero(np.isin(data.step_index, [0, 3]))
+    part_data = data.subset(np.concatenate([rows, rows]))
+    assert len(part_data) == len(data) and set(part_data.step_index) == {0, 3}
+    part = calibrate(pipe, CONFIG, part_data, "tdq")
     for st in part.state.values():
         a = np.asarray(st["a_scale"])
         np.testing.assert_array_equal(a[1], a[0])

@@ -1,5 +1,7 @@
 """Pretraining and the scene parser: a few real steps on tiny configs, resume, alignment logic."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,21 +26,42 @@ def test_diffusion_step_lowers_loss_on_a_fixed_batch():
     params = init_params(configs, jax.random.key(0))
     trainable = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
     tx = optax.adam(1e-3)
-    state = {"params": trainable, "opt": tx.init(trainable), "ema": trainable, "step": jnp.int32(0)}
+    state = {"params": trainable, "opt": jax.jit(tx.init)(trainable), "ema": trainable, "step": jnp.int32(0)}
     step = make_diffusion_step(UNet2DConditionModel(configs.unet), CLIPTextModel(configs.text), tx,
                                jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32), 0.99)
-    latents = jax.random.normal(jax.random.key(1), (8, 16, 16, 4))
-    ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (8, 1))
+    # batch 2, 10 steps (three seeds: the last loss 0.43 x the first; batch 8 and 15 steps cost more
+    # and test the same)
+    latents = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (2, 1))
     key = jax.random.key(2)  # same noise and timesteps every step: a pure optimisation check
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         state, m = step(state, latents, ids, key)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
-    assert int(state["step"]) == 15
+    assert int(state["step"]) == 10
     # EMA moved towards the params but is not equal to them
-    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state["ema"], state["params"])
-    assert 0 < max(jax.tree.leaves(diff))
+    diff = jax.jit(lambda e, p: jax.tree.map(lambda a, b: jnp.abs(a - b).max(), e, p))(state["ema"], state["params"])
+    assert 0 < max(float(d) for d in jax.tree.leaves(diff))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _losses_and_pred(unet, text, params, latents, ids, key, ac, w, gamma, gamma_v, noisy, t):
+    """Every :func:`diffusion_loss` variant the by-hand tests check, and the UNet's prediction on the
+    test's own noisy input ``noisy`` at ``t``, as one program (run op by op they compiled hundreds of
+    small ones). ``ac`` and the Min-SNR gammas are inputs, so both tests and both schedules of the
+    v-prediction test run one compilation; identical UNet calls are computed once by XLA."""
+    def loss(**kw):
+        return diffusion_loss(unet, text, params, latents, ids, key, ac, **kw)[0]
+
+    context, _ = text.apply({"params": params["text_encoder"]}, ids)
+    return dict(
+        pred=unet.apply({"params": params["unet"]}, noisy, t, context),
+        plain=loss(), flat=loss(weights=jnp.full(w.shape, 3.0)), weighted=loss(weights=w),
+        min_snr=loss(weights=w, min_snr_gamma=gamma), huge=loss(min_snr_gamma=1e30),  # 1e30 never binds
+        v_only=loss(weights=w, v_weighting=True), both=loss(weights=w, min_snr_gamma=gamma, v_weighting=True),
+        v_pred=loss(prediction_type="v_prediction"),
+        v_min_snr=loss(min_snr_gamma=gamma_v, prediction_type="v_prediction"))
 
 
 def test_weighted_diffusion_loss_by_hand():
@@ -50,41 +73,35 @@ def test_weighted_diffusion_loss_by_hand():
     latents = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
     ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (2, 1))
     key = jax.random.key(2)
-    plain, _ = diffusion_loss(unet, text, params, latents, ids, key, ac)
-    flat, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.full((2, 16, 16), 3.0))
-    np.testing.assert_allclose(float(flat), float(plain), rtol=1e-6)
     # the per-cell squared error, computed here from the same noise and timesteps
     k_t, k_n = jax.random.split(key)
     t = jax.random.randint(k_t, (2,), 0, ac.shape[0])
     noise = jax.random.normal(k_n, latents.shape)
     a = ac[t][:, None, None, None]
-    context, _ = text.apply({"params": params["text_encoder"]}, ids)
-    pred = unet.apply({"params": params["unet"]}, jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t, context)
-    sq = np.mean((np.asarray(pred, np.float64) - np.asarray(noise, np.float64)) ** 2, axis=-1)
     w = np.array(jax.random.uniform(jax.random.key(3), (2, 16, 16)))
     w[0, :8] = 0.0  # cells with zero weight do not count at all
-    weighted, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w))
-    np.testing.assert_allclose(float(weighted), np.sum(w * sq) / np.sum(w), rtol=1e-4)
-    np.testing.assert_allclose(float(plain), sq.mean(), rtol=1e-4)
-    assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
     # Min-SNR-gamma: each sample's error times min(SNR_t, gamma) / SNR_t; gamma below the larger SNR of
     # the two samples, so at least one is down-weighted
     snr = np.asarray(ac[t] / (1 - ac[t]), np.float64)
     gamma = float(0.5 * snr.max())
+    got = _losses_and_pred(unet, text, params, latents, ids, key, ac, jnp.asarray(w), jnp.float32(gamma),
+                           jnp.float32(2.0), jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t)
+    got = {k: (np.asarray(v) if k == "pred" else float(v)) for k, v in got.items()}
+    plain = got["plain"]
+    np.testing.assert_allclose(got["flat"], plain, rtol=1e-6)
+    sq = np.mean((np.asarray(got["pred"], np.float64) - np.asarray(noise, np.float64)) ** 2, axis=-1)
+    np.testing.assert_allclose(got["weighted"], np.sum(w * sq) / np.sum(w), rtol=1e-4)
+    np.testing.assert_allclose(plain, sq.mean(), rtol=1e-4)
+    assert abs(got["weighted"] - plain) > 1e-4 * plain
     s = np.minimum(snr, gamma) / snr
     assert s.min() < 1.0
-    min_snr, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), min_snr_gamma=gamma)
-    np.testing.assert_allclose(float(min_snr), np.sum(s[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
-    huge, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, min_snr_gamma=1e30)  # never binds
-    np.testing.assert_allclose(float(huge), float(plain), rtol=1e-6)
+    np.testing.assert_allclose(got["min_snr"], np.sum(s[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
+    np.testing.assert_allclose(got["huge"], plain, rtol=1e-6)
     # v weighting: times (SNR_t + 1) / SNR_t, and times Min-SNR's weight when both are on
     v = (snr + 1) / snr
     assert v.max() > 1.5  # one of the two timesteps is noisy enough for the weight to matter
-    v_only, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), v_weighting=True)
-    np.testing.assert_allclose(float(v_only), np.sum(v[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
-    both, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, jnp.asarray(w), min_snr_gamma=gamma,
-                             v_weighting=True)
-    np.testing.assert_allclose(float(both), np.sum(s[:, None, None] * v[:, None, None] * w * sq) / np.sum(w),
+    np.testing.assert_allclose(got["v_only"], np.sum(v[:, None, None] * w * sq) / np.sum(w), rtol=1e-4)
+    np.testing.assert_allclose(got["both"], np.sum(s[:, None, None] * v[:, None, None] * w * sq) / np.sum(w),
                                rtol=1e-4)
 
 
@@ -98,26 +115,27 @@ def test_v_prediction_loss_by_hand():
     latents = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
     ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (2, 1))
     key = jax.random.key(2)
-    context, _ = text.apply({"params": params["text_encoder"]}, ids)
     k_t, k_n = jax.random.split(key)
     noise = np.asarray(jax.random.normal(k_n, latents.shape), np.float64)
     x0 = np.asarray(latents, np.float64)
+    w = jnp.ones((2, 16, 16), jnp.float32)  # (the weighted variants are test_weighted_diffusion_loss_by_hand's)
     for ac in (jnp.asarray(configs.scheduler.alphas_cumprod(), jnp.float32), jnp.zeros((1000,), jnp.float32)):
         t = jax.random.randint(k_t, (2,), 0, ac.shape[0])
         a = np.asarray(ac[t], np.float64)[:, None, None, None]
         noisy = jnp.asarray(np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, jnp.float32)
-        pred = np.asarray(unet.apply({"params": params["unet"]}, noisy, t, context), np.float64)
+        out = _losses_and_pred(unet, text, params, latents, ids, key, ac, w, jnp.float32(1.0), jnp.float32(2.0),
+                               noisy, t)
+        pred = np.asarray(out["pred"], np.float64)
         sq = np.mean((pred - (np.sqrt(a) * noise - np.sqrt(1 - a) * x0)) ** 2, axis=-1)
-        got, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, prediction_type="v_prediction")
-        np.testing.assert_allclose(float(got), sq.mean(), rtol=1e-4)
-        eps_loss, _ = diffusion_loss(unet, text, params, latents, ids, key, ac)
-        assert abs(float(eps_loss) - float(got)) > 1e-3 * float(got)  # another target
+        got = float(out["v_pred"])
+        np.testing.assert_allclose(got, sq.mean(), rtol=1e-4)
+        eps_loss = float(out["plain"])
+        assert abs(eps_loss - got) > 1e-3 * got  # another target
         snr = a[:, 0, 0, 0] / (1 - a[:, 0, 0, 0])
         s = np.minimum(snr, 2.0) / (snr + 1)
-        min_snr, _ = diffusion_loss(unet, text, params, latents, ids, key, ac, min_snr_gamma=2.0,
-                                    prediction_type="v_prediction")
-        np.testing.assert_allclose(float(min_snr), np.sum(s[:, None, None] * sq) / sq.size, rtol=1e-4, atol=1e-9)
-    assert float(min_snr) == 0.0 and np.isfinite(float(got))  # abar = 0: SNR 0, Min-SNR's weight 0
+        min_snr = float(out["v_min_snr"])
+        np.testing.assert_allclose(min_snr, np.sum(s[:, None, None] * sq) / sq.size, rtol=1e-4, atol=1e-9)
+    assert min_snr == 0.0 and np.isfinite(got)  # abar = 0: SNR 0, Min-SNR's weight 0
     with pytest.raises(ValueError, match="v_weighting"):
         diffusion_loss(unet, text, params, latents, ids, key, ac, v_weighting=True, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="prediction_type"):
@@ -340,12 +358,13 @@ def test_parser_training_lowers_loss():
     net = SceneParserNet(width=8)
     scenes = [sample_scene(s) for s in range(16)]
     images, labels = np.stack([render(s) for s in scenes]), batch_labels(scenes)
-    params = net.init(jax.random.key(0), images[:1])["params"]
+    # init, optimiser state and first loss as programs (op by op they compiled ~200 small ones)
+    params = jax.jit(lambda k, x: net.init(k, x)["params"])(jax.random.key(0), images[:1])
     tx = optax.adam(3e-3)
-    opt = tx.init(params)
+    opt = jax.jit(tx.init)(params)
     step = make_parser_step(net, tx)
-    first = float(parser_loss(net.apply({"params": params}, images), labels))
-    for _ in range(30):
+    first = float(jax.jit(lambda p, x, y: parser_loss(net.apply({"params": p}, x), y))(params, images, labels))
+    for _ in range(10):  # (three seeds: below 0.025 x the first loss after 10 steps)
         params, opt, loss = step(params, opt, images, labels)
     assert float(loss) < 0.5 * first
 
