@@ -139,8 +139,10 @@ def init_params(configs: SDConfigs, key: jax.Array) -> dict:
     f = v.downsampling_factor
 
     def init(module, k, *example):
-        program = jax.jit(lambda k, *x: module.init(k, *x)["params"]).lower(k, *example)
-        return program.compile({"xla_backend_optimization_level": 0})(k, *example)
+        fn = jax.jit(lambda k, *x: module.init(k, *x)["params"])
+        if any(isinstance(a, jax.core.Tracer) for a in (k, *example)):   # inside eval_shape / jit: trace it
+            return fn(k, *example)
+        return fn.lower(k, *example).compile({"xla_backend_optimization_level": 0})(k, *example)
 
     unet = init(UNet2DConditionModel(u), k_unet, jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)),
                 jnp.zeros((1,), jnp.int32), jnp.zeros((1, t.max_position_embeddings, t.hidden_size)))
