@@ -45,20 +45,6 @@ def pytest_configure(config):
     jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-#: The costliest test files, costliest first (seconds of one full run, docs/testing.md). xdist hands a
-#: worker a whole file at a time in collection order (``--no-loadscope-reorder``); starting with these
-#: keeps the end of the run from waiting on one long file while the other worker idles. Only the order
-#: changes; every file still runs.
-HEAVY_FIRST = ("test_memory.py", "test_selector_training.py", "test_training.py", "test_own_model_e2e.py",
-               "test_reconstruction.py", "test_evaluate.py", "test_ptqd.py", "test_pipeline.py", "test_unet.py",
-               "test_cli.py", "test_evaluate_files.py", "test_calibrate_prompts.py", "test_selector_data.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: files stay whole
-
-
 # Where the suite's time goes: XLA compiles (count and seconds) per test. Each phase's report (setup,
 # call, teardown) carries the compiles since the previous report, so the numbers reach the controlling
 # process from xdist's workers; it adds them up and prints the costliest tests at the end of the run.
