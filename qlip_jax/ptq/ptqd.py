@@ -40,7 +40,7 @@ Mixed precision
 The correction is calibrated at uniform schedules (all layers at candidate ``k``). Under a QLIP
 schedule, row ``b`` at step ``s`` has per-layer candidates ``idx [L]``; its correction is the mixture of
 the per-candidate corrections weighted by each quantized candidate's share of the UNet's MACs,
-``w_k = sum_l macs_l [idx_l == k] / sum_l macs_l`` (:func:`candidate_weights`):
+``w_k = sum_l macs_l [idx_l == k] / sum_l macs_l`` (:func:`~qlip_jax.sampling.correction.candidate_weights`):
 ``k = sum_k w_k k_sk``, ``b = sum_k w_k b_sk``, ``Var = sum_k w_k Var_sk`` (a first-order model in
 which layers' quantization errors add up in proportion to their compute). It is exact at every
 uniform schedule; full-precision layers carry no weight, so a schedule mixing float and quantized
@@ -51,11 +51,11 @@ Steps
 -----
 The arrays are per sampler step, ``[S, K]``, for the timestep array they were calibrated on
 (``timesteps [S]`` is stored). :class:`~qlip_jax.sampling.pipeline.Text2Image` refuses a correction
-calibrated for another step count or timestep grid (:func:`check_sampler`); calibrate it again for
+calibrated for another step count or timestep grid (:func:`~qlip_jax.sampling.correction.check_sampler`); calibrate it again for
 that sampler (steps absent from the calibration data copy the nearest calibrated step), or drop it
 with ``dataclasses.replace(setup, ptqd=None)``.
 
-Where it lives: ``QuantSetup.ptqd`` (a :class:`PTQDCorrection` pytree, sibling of the per-layer
+Where it lives: ``QuantSetup.ptqd`` (a :class:`~qlip_jax.sampling.correction.PTQDCorrection` pytree, sibling of the per-layer
 quantizer state; the sampler receives it as ``params["ptqd"]``, traced), fitted by
 ``calibrate(..., method="ptqd")`` and saved/loaded with the state by :mod:`qlip_jax.ptq.persist`.
 """
