@@ -105,17 +105,21 @@ class Text2Image:
         batching helps. Not combined with ``mesh``.
       attention_chunk: query chunk of the UNet's attention (0: full; None: chunks of 1024 above 1024
         latent tokens, :func:`~qlip_jax.models.unet.default_attention_chunk`); equal to float rounding.
+      int8: run the quantized conv/linear layers of candidates with at most 8 activation bits as real
+        int8 x int8 products with int32 accumulation (``QuantArgs.int8``); same images up to float
+        rounding of the rescale. Off by default (not measured faster on CPU).
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
                  eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
-                 batch_invariant: bool = False, attention_chunk: int | None = None):
+                 batch_invariant: bool = False, attention_chunk: int | None = None,
+                 int8: bool = False):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         if batch_invariant and mesh is not None:
             raise ValueError("batch_invariant=True runs prompts one at a time and cannot shard the batch over "
                              "a mesh; pass either mesh= or batch_invariant=True")
-        self.batch_invariant = bool(batch_invariant)
+        self.batch_invariant, self.int8 = bool(batch_invariant), bool(int8)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         self.guidance_rescale = float(guidance_rescale)
@@ -323,7 +327,7 @@ class Text2Image:
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
-                                           self.quant.config, step=i)
+                                           self.quant.config, step=i, int8=self.int8)
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             g = guidance[i]
             eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,

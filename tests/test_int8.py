@@ -1,0 +1,93 @@
+"""The integer path (QuantArgs.int8): int8 x int8 products with int32 accumulation equal the fake-quant
+path on the same inputs, to the last bit of the accumulator and within float rounding after the rescale."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlip_jax.quant.codes import weight_codes
+from qlip_jax.quant.layers import QConv, QDense, _quantize_activation, _skip_quantizer, integer_accumulator
+from qlip_jax.quant.state import QuantArgs, QuantConfig
+
+CFG = QuantConfig(act_bits=(4, 8, 10), weight_bits=4)
+
+
+def _state(kernel, split=0, seed=0):
+    rng = np.random.default_rng(seed)
+    w = np.asarray(kernel)
+    scale = np.abs(w).reshape(-1, w.shape[-1]).max(0) / 7.0
+    st = {"w_scale": jnp.asarray(scale, jnp.float32), "w_code": weight_codes(w, scale, 4),
+          "a_scale": jnp.asarray([0.3, 0.02, 0.005], jnp.float32) * (1 + 0.1 * rng.random(3)).astype(np.float32),
+          "a_zero": jnp.asarray([7.0, 100.3, 400.0], jnp.float32)}
+    if split:
+        st.update(a_scale_skip=jnp.asarray([0.5, 0.04, 0.01], jnp.float32),
+                  a_zero_skip=jnp.asarray([3.0, 60.0, 250.0], jnp.float32), split=jnp.int32(split))
+    return st
+
+
+@pytest.mark.parametrize("kind,split", [("conv", 0), ("conv", 3), ("dense", 0), ("dense", 5)])
+def test_integer_path_equals_fake_quant(kind, split):
+    """Rows at 4, 8, 10 bits and float in one batch: the int8 rows' int32 accumulators equal the exact
+    integer product of the fake-quant path's codes; every row's output equals the fake-quant output
+    (int rows within float rounding, the others exactly: they take the float path)."""
+    x = 2.0 * jax.random.normal(jax.random.key(1), (4, 6, 6, 8) if kind == "conv" else (4, 5, 8))
+    layer = (QConv(features=6, kernel_size=(3, 3), padding=1, strides=(2, 2)) if kind == "conv"
+             else QDense(features=6))
+    params = layer.init(jax.random.key(0), x)["params"]
+    st = _state(params["kernel"], split)
+    idx = jnp.asarray([0, 1, 2, 3], jnp.int32)                 # 4 bits, 8 bits, 10 bits, float
+
+    def run(int8):
+        q = QuantArgs(state={"": st}, idx={"": idx}, config=CFG, int8=int8)
+        return np.asarray(layer.apply({"params": params}, x, q))
+
+    fake, real = run(False), run(True)
+    np.testing.assert_array_equal(real[2:], fake[2:])
+    np.testing.assert_allclose(real[:2], fake[:2], rtol=2e-5, atol=2e-5 * np.abs(fake[:2]).max())
+    # the accumulator, bit for bit: exact integer product of the fake path's activation and weight codes
+    q = QuantArgs(state={"": st}, idx={"": idx}, config=CFG)
+    xq = np.asarray(_quantize_activation(x, st["a_scale"], st["a_zero"], idx, q, None, _skip_quantizer(st)))
+    def op(a, w, **kw):
+        if kind == "dense":
+            return jnp.matmul(a, w, **kw)
+        return jax.lax.conv_general_dilated(a, w, (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+    accs = integer_accumulator(op, jnp.asarray(xq), st, idx, q)
+    c = np.asarray(st["w_code"], np.float64)
+    channel = np.arange(x.shape[-1])
+    halves = [(st["a_scale"], st["a_zero"], channel < split if split else channel >= 0)]
+    if split:
+        halves.append((st["a_scale_skip"], st["a_zero_skip"], channel >= split))
+    for (acc, _), (sc, zp, mask) in zip(accs, halves):
+        for r in range(2):                                       # the int8 rows
+            s, z = float(sc[r]), float(np.round(zp[r]))
+            d = np.where(mask, np.round(xq[r:r + 1] / s), 0.0)    # q - z, exact integers
+            want = np.asarray(op(jnp.asarray(d, jnp.float32), jnp.asarray(c, jnp.float32)), np.float64)
+            assert np.all(np.abs(want) < 2 ** 24)                # so the float32 reference is exact
+            np.testing.assert_array_equal(np.asarray(acc[r:r + 1]), want.astype(np.int64))
+
+
+def test_sampler_int8_one_compile_and_images_match_fake_quant(tiny_sd):
+    """``Text2Image(int8=True)``: one compilation across schedules (uniform 4 and 8 bits, a random mix with
+    10-bit and float rows); images within a few levels of the fake-quant sampler's (float rounding of
+    the rescale only), identical where every row takes the float path."""
+    from qlip_jax.quant.calibration import calibrate_minmax
+    from qlip_jax.sampling.pipeline import Text2Image
+
+    fp = Text2Image(tiny_sd, "ddim", steps=2)
+    quant = calibrate_minmax(fp, CFG, ["a red star", "two blue squares"], [0, 1], guidance=3.0)
+    fake = Text2Image(tiny_sd, "ddim", steps=2, quant=quant)
+    real = Text2Image(tiny_sd, "ddim", steps=2, quant=quant, int8=True)
+    emb = fake.encode(["a red star", "a shape"])
+    rng = np.random.default_rng(0)
+    scheds = [fake.uniform_schedule(2, 4), fake.uniform_schedule(2, 8), fake.uniform_schedule(2, 10),
+              rng.integers(0, CFG.num_candidates, (2, fake.num_steps, len(quant.registry))).astype(np.int32)]
+    for i, sched in enumerate(scheds):
+        a, b = fake(emb, [0, 1], 3.0, sched), real(emb, [0, 1], 3.0, sched)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.mean() < 0.5 and diff.max() <= 8, (i, diff.mean(), diff.max())
+        if i == 2:
+            assert diff.max() == 0                                  # 10 bits: the float path
+    assert real.trace_count == 1
