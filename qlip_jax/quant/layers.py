@@ -255,6 +255,38 @@ def integer_weight_op(op, xq: jax.Array, state: dict, idx: jax.Array, q: QuantAr
                for acc, s in integer_accumulator(op, xq, state, idx, q))
 
 
+def integer_path_errors(fn: Callable[[], object]) -> tuple[object, list[tuple[str, jax.Array, jax.Array]]]:
+    """Teacher-forced check of the integer path inside a real network: run ``fn()`` (e.g. a UNet
+    ``apply`` with :class:`QuantArgs`, fake-quant path) and, for every quantized conv/dense layer it
+    calls, run that layer once more with ``int8=True`` on the very input the fake path gave it.
+
+    Returns ``(fn's result, [(layer name, max |int - fake|, max |fake|)])`` in call order. Comparing layer
+    by layer separates the integer path's own error (float rounding of the rescale) from its amplification
+    over later layers (a one-ulp change can move an activation code by one step, and the network
+    amplifies that), which a whole-network comparison mixes. Traceable under ``jit``.
+    """
+    found, busy = [], []
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        q = kwargs.get("q", args[1] if len(args) > 1 else None)
+        y = next_fun(*args, **kwargs)
+        if busy or context.method_name != "__call__" or not isinstance(module, _WeightLayer) or q is None:
+            return y
+        name = module.qname
+        alone = QuantArgs(state={"": q.state[name]}, idx={"": q.idx[name]}, config=q.config, step=q.step,
+                          quantized_only=q.quantized_only, int8=True)
+        busy.append(name)
+        y_int = module.clone(parent=None).apply({"params": module.variables["params"]}, args[0], alone)
+        busy.pop()
+        found.append((name, jnp.max(jnp.abs(y_int - y)), jnp.max(jnp.abs(y))))
+        return y
+
+    with nn.intercept_methods(intercept):
+        out = fn()
+    return out, found
+
+
 class _Quantizable(nn.Module):
     """Mixin: registry name and calibration statistics."""
 

@@ -68,6 +68,13 @@ class TextEmbeddings:
     truncated: list[bool]
 
 
+def add_int8_argument(parser) -> None:
+    """``--int8`` on a program's argument parser (``Text2Image(int8=...)``)."""
+    parser.add_argument("--int8", action="store_true",
+                        help="quantized layers at <= 8 activation bits run real int8 x int8 products with int32 "
+                             "accumulation (same images up to float rounding; off by default: not faster on CPU)")
+
+
 def to_uint8(images: jax.Array) -> jax.Array:
     """``[-1, 1]`` float images -> uint8 ``[0, 255]``."""
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
