@@ -8,7 +8,7 @@
 # schedule) at batch 1/8/32 with cold and warm compile times, diffusers' eager pipeline on the same latents
 # (on cuda in bfloat16 when torch sees a GPU, else on the CPU), and the start-up of a second
 # `qlip sample --precision qlip` process with the persistent compilation cache; then prints the table.
-# An integer (int8) W4A8 path is not part of this tree; its row appears once the sampler offers it.
+# The integer (--int8) and batch-invariant W4A8 rows run beside them.
 # Everything is printed to the terminal and kept in benchmarks/device-<platform>-<date>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 """Sampling speed, side by side in one run on one model and one set of initial latents: our jitted loop in
-float, with fake-quant W4A8 and with the QLIP schedule, at several batch sizes, their compile times cold
+float, with fake-quant W4A8, the QLIP schedule, the int8 path (``--int8``) and batch-invariant W4A8, at several batch sizes, their compile times cold
 (empty cache) and warm (persistent cache), diffusers' eager PyTorch pipeline in float and with wrapped-
 layer fake quantization, and the start-up of a second ``qlip sample --precision qlip`` process.
 
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
                                  np.arange(4), args.guidance, num_steps_kept=4)
         qsource = "min-max calibration on 4 prompts"
     q = Text2Image(sd, "ddim", args.steps, quant=quant, dtype=dtype)
+    q_int8 = Text2Image(sd, "ddim", args.steps, quant=quant, dtype=dtype, int8=True)
+    q_inv = Text2Image(sd, "ddim", args.steps, quant=quant, dtype=dtype, batch_invariant=True)
 
     rows = []  # (batch, what, compile cold, compile warm, median)
     ref_times = {}
@@ -137,11 +139,13 @@ def main(argv=None) -> int:
             qlip_name = "ours, random per-prompt schedules"
             qlip_sched = rng.integers(0, quant.config.num_candidates,
                                       (b, q.num_steps, len(quant.registry))).astype(np.int32)
-        variants = [("ours, float", fp, None), ("ours, fake-quant W4A8", q, q.uniform_schedule(b, 8)),
-                    (qlip_name, q, qlip_sched)]
+        w4a8 = q.uniform_schedule(b, 8)
+        variants = [("ours, float", fp, None), ("ours, fake-quant W4A8", q, w4a8), (qlip_name, q, qlip_sched),
+                    ("ours, int8 W4A8 (--int8)", q_int8, w4a8), ("ours, fake-quant W4A8, batch-invariant", q_inv, w4a8)]
         for name, pipe, sched in variants:
             cold = compile_seconds(pipe, emb, seeds, args.guidance, sched, latents)
-            fresh = Text2Image(sd, "ddim", args.steps, quant=pipe.quant, dtype=dtype)  # a new jit: a new process
+            fresh = Text2Image(sd, "ddim", args.steps, quant=pipe.quant, dtype=dtype, int8=pipe.int8,
+                               batch_invariant=pipe.batch_invariant)  # a new jit: a new process
             warm = compile_seconds(fresh, emb, seeds, args.guidance, sched, latents)
             _, med = timed(lambda: pipe(emb, seeds, args.guidance, sched, latents), args.repeats)
             rows.append((b, name, cold, warm, med))

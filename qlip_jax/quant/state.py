@@ -122,6 +122,9 @@ class QuantArgs:
         ``[S, K]`` tables are read at row ``step``). A scalar is broadcast to every row.
       quantized_only: static promise that no row uses the full-precision candidate, so weight layers
         skip the float/quantized weight select (a smaller graph, e.g. for reconstruction training).
+      int8: static: conv/linear rows whose candidate has at most 8 activation bits run a real integer
+        product (int8 activations x int8 weight codes, int32 accumulation, one float rescale; see
+        :func:`qlip_jax.quant.layers.integer_weight_op`) instead of the float simulation.
     """
 
     state: dict[str, dict[str, jax.Array]]
@@ -130,14 +133,16 @@ class QuantArgs:
     mix: dict[str, jax.Array] | None = None
     step: jax.Array | None = None
     quantized_only: bool = flax.struct.field(pytree_node=False, default=False)
+    int8: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
                      config: QuantConfig, step: jax.Array | None = None,
-                     quantized_only: bool = False) -> "QuantArgs":
+                     quantized_only: bool = False, int8: bool = False) -> "QuantArgs":
         """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order).
 
         ``step``: the sampler step (int scalar or ``[B]``), needed by step-table (TDQ) states.
+        ``int8``: the integer path for candidates of at most 8 bits (see the class docstring).
         """
         if indices.ndim != 2 or indices.shape[1] != len(layer_names):
             raise ValueError(f"bit indices must have shape [B, L={len(layer_names)}], got {indices.shape}")
@@ -147,7 +152,7 @@ class QuantArgs:
             raise ValueError("quantized_only=True but some bit index is the full-precision candidate")
         indices = jnp.asarray(indices).astype(jnp.int32)
         return cls(state=state, idx={n: indices[:, l] for l, n in enumerate(layer_names)},
-                   config=config, step=_rows(step, indices.shape[0]), quantized_only=quantized_only)
+                   config=config, step=_rows(step, indices.shape[0]), quantized_only=quantized_only, int8=int8)
 
     @classmethod
     def from_mix(cls, state: dict, mix: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,

@@ -68,6 +68,13 @@ class TextEmbeddings:
     truncated: list[bool]
 
 
+def add_int8_argument(parser) -> None:
+    """``--int8`` on a program's argument parser (``Text2Image(int8=...)``)."""
+    parser.add_argument("--int8", action="store_true",
+                        help="quantized layers at <= 8 activation bits run real int8 x int8 products with int32 "
+                             "accumulation (same images up to float rounding; off by default: not faster on CPU)")
+
+
 def to_uint8(images: jax.Array) -> jax.Array:
     """``[-1, 1]`` float images -> uint8 ``[0, 255]``."""
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
@@ -105,17 +112,21 @@ class Text2Image:
         batching helps. Not combined with ``mesh``.
       attention_chunk: query chunk of the UNet's attention (0: full; None: chunks of 1024 above 1024
         latent tokens, :func:`~qlip_jax.models.unet.default_attention_chunk`); equal to float rounding.
+      int8: run the quantized conv/linear layers of candidates with at most 8 activation bits as real
+        int8 x int8 products with int32 accumulation (``QuantArgs.int8``); same images up to float
+        rounding of the rescale. Off by default (not measured faster on CPU).
     """
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
                  eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
-                 batch_invariant: bool = False, attention_chunk: int | None = None):
+                 batch_invariant: bool = False, attention_chunk: int | None = None,
+                 int8: bool = False):
         self.sd, self.quant, self.mesh = sd, quant, mesh
         if batch_invariant and mesh is not None:
             raise ValueError("batch_invariant=True runs prompts one at a time and cannot shard the batch over "
                              "a mesh; pass either mesh= or batch_invariant=True")
-        self.batch_invariant = bool(batch_invariant)
+        self.batch_invariant, self.int8 = bool(batch_invariant), bool(int8)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         self.guidance_rescale = float(guidance_rescale)
@@ -323,7 +334,7 @@ class Text2Image:
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
-                                           self.quant.config, step=i)
+                                           self.quant.config, step=i, int8=self.int8)
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             g = guidance[i]
             eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,
