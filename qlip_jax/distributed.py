@@ -199,6 +199,43 @@ def gather(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (no-op for one process), e.g. after process 0 wrote a
+    file the others read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def launch_local(argv: list[str], processes: int, devices: int, timeout: float = 900,
+                 env: dict | None = None) -> list[tuple[int, str, str]]:
+    """Run ``python argv`` as ``processes`` processes of one JAX run on this machine, ``devices`` CPU devices
+    each, with a local coordinator on a free port (tests and benchmarks; a real cluster uses its own
+    launcher). Returns ``[(returncode, stdout, stderr)]``; every process is killed on timeout."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if processes > 1:
+        base.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
+    procs = [subprocess.Popen([sys.executable, *argv], env={**base, "JAX_PROCESS_ID": str(i)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(processes)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
 def is_main() -> bool:
     """Process 0: the one that writes files and shows progress."""
     return jax.process_index() == 0
