@@ -215,19 +215,31 @@ def _sample_prompts(args) -> list[str]:
 def cmd_sample(args) -> int:
     from qlip_jax.atomic import claim_output, release_claim
 
+    import jax
+
+    from qlip_jax import distributed
+
+    distributed.initialize()  # several processes (JAX_NUM_PROCESSES / QLIP_DISTRIBUTED): join them first
     kind, value, prompts = check_sample_args(args)
-    claimed = claim_output(args.out, args.overwrite)
+    mesh = None
+    if args.mesh or jax.process_count() > 1:
+        if args.batch_invariant:
+            raise BadArgument("--batch-invariant samples one prompt at a time and cannot split a batch over --mesh",
+                              "leave out one of them")
+        mesh = distributed.mesh_from_arg(args.mesh)
+    claimed = distributed.is_main() and claim_output(args.out, args.overwrite)  # process 0 writes
     try:
-        return _sample(args, kind, value, prompts)
+        return _sample(args, kind, value, prompts, mesh)
     finally:
         if claimed:
             release_claim(args.out)  # removes the placeholder only if nothing was written
 
 
-def _sample(args, kind, value, prompts: list[str]) -> int:
+def _sample(args, kind, value, prompts: list[str], mesh=None) -> int:
     import numpy as np
 
     from qlip_jax.assets import default_model_dir
+    from qlip_jax.distributed import is_main
     from qlip_jax.models.sd import load_stable_diffusion
     from qlip_jax.ptq.persist import QuantStateMismatch
     from qlip_jax.quant.registry import average_act_bits
@@ -250,7 +262,7 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
     elif kind != "fp":
         quant = _quantizer(sd, args, kind, value)
     pipe = Text2Image(sd, args.scheduler, args.steps, quant=quant, batch_invariant=args.batch_invariant,
-                      int8=args.int8)
+                      int8=args.int8, mesh=mesh)
     note = selector.steps_note(pipe.num_steps) if selector is not None else None
     if note:
         print(f"[qlip] {note}", file=sys.stderr)
@@ -274,6 +286,8 @@ def _sample(args, kind, value, prompts: list[str]) -> int:
     t1 = time.time()
     images = pipe(emb, np.arange(len(prompts)) + args.seed, args.guidance, schedule)
     print(f"[qlip] sampled in {time.time() - t1:.1f}s (including compilation)", file=sys.stderr)
+    if not is_main():
+        return 0
     if schedule is not None:
         fab = np.asarray(average_act_bits(np.asarray(schedule), pipe.quant.config))
         for i, p in enumerate(prompts):
@@ -337,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-invariant", action="store_true",
                    help="sample one prompt at a time: a prompt's image is bit-identical whatever the other "
                         "prompts (slower when batching helps)")
+    from qlip_jax.distributed import add_mesh_argument
     from qlip_jax.sampling.pipeline import add_int8_argument
 
     add_int8_argument(s)
+    add_mesh_argument(s)
     s.add_argument("--out", default="grid.png")
     s.add_argument("--overwrite", action="store_true")
     compile_cache.add_argument(s)

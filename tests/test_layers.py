@@ -17,7 +17,7 @@ ROOT = pathlib.Path(qlip_jax.__file__).parent
 #: Layer of each top-level module or subpackage of ``qlip_jax``; a module may import from a layer of
 #: the same or a lower number.
 LAYERS = {
-    "errors": 0, "atomic": 0, "naming": 0, "memory": 0, "compile_cache": 0, "assets": 0,
+    "errors": 0, "atomic": 0, "naming": 0, "memory": 0, "compile_cache": 0, "assets": 0, "distributed": 0,
     "quant": 1,
     "data": 2,
     "models": 3,

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from qlip_jax import compile_cache
+from qlip_jax import compile_cache, distributed
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data import scenes
 from qlip_jax.data.tokenizer import convert_clip_bpe, find_clip_bpe, load_tokenizer
@@ -71,12 +71,14 @@ def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> tup
     return crops, offsets
 
 
-def train_vae(args, configs: SDConfigs, params: dict, work: str) -> tuple[dict, int]:
+def train_vae(args, configs: SDConfigs, params: dict, work: str, mesh=None) -> tuple[dict, int]:
     """Stage 1: ``(params, steps trained by this invocation)``. With ``--vae-crop`` each step sees a random
     window of each image (the VAE is convolutional; its mid-block attention sees a smaller grid)."""
     vae = AutoencoderKL(configs.vae)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(args.vae_lr, args.vae_steps, 200)))
     state = {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
+    if mesh is not None:  # the VAE is small: replicated, its batch split over the mesh
+        state = distributed.put(state, distributed.replicated(mesh))
     ckpt = Checkpointer(os.path.join(work, "vae"))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
@@ -90,13 +92,20 @@ def train_vae(args, configs: SDConfigs, params: dict, work: str) -> tuple[dict, 
         images, _, _ = scenes.training_batch(args.seed, s, args.vae_batch)
         if args.vae_crop:
             images, _ = random_crops(images, args.vae_crop, np.random.default_rng([args.seed, s, 0xC409]))
-        x = images.astype(np.float32) / 127.5 - 1.0
+        x = _rows_on(mesh, images.astype(np.float32) / 127.5 - 1.0)
         state, metrics = step_fn(state, x, jax.random.fold_in(key, s))
         if (s + 1) % 50 == 0:
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", l1=f"{float(metrics['l1']):.4f}")
         if (s + 1) % args.ckpt_every == 0 or s + 1 == args.vae_steps:
             ckpt.save(s + 1, state, {"stage": "vae"})
     return state["params"], max(0, args.vae_steps - start)
+
+
+def _rows_on(mesh, x: np.ndarray):
+    """A batch ``[B, ...]`` split over the mesh's batch shards (as is without a mesh)."""
+    if mesh is None:
+        return x
+    return distributed.put(x, jax.sharding.NamedSharding(mesh, distributed.batch_spec(mesh)))
 
 
 def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: str) -> np.ndarray:
@@ -108,8 +117,9 @@ def encode_training_latents(args, configs: SDConfigs, vae_params: dict, work: st
         encode_images(configs.vae, vae_params, images)
         for _, images in tqdm(scenes.iterate_train_images(256, args.num_scenes), desc="encode",
                               total=-(-args.num_scenes // 256), disable=args.quiet)])
-    with atomic_write(path) as tmp:
-        np.save(tmp, latents)
+    if distributed.is_main():
+        with atomic_write(path) as tmp:
+            np.save(tmp, latents)
     return latents
 
 
@@ -128,8 +138,9 @@ def object_weights(args, latent_shape: tuple[int, ...], work: str) -> np.ndarray
         seeds = scenes.split_seeds("train")
         coverage = np.stack([scenes.object_coverage(scenes.sample_scene(seeds[i]), cells=h)
                              for i in tqdm(range(n), desc="coverage", disable=args.quiet)])
-        with atomic_write(path) as tmp:
-            np.save(tmp, coverage)
+        if distributed.is_main():
+            with atomic_write(path) as tmp:
+                np.save(tmp, coverage)
     return 1.0 + args.object_weight * coverage
 
 
@@ -189,18 +200,21 @@ class GridSampler:
     its jitted sampler takes params as arguments, so later grids reuse the compiled loop instead of
     tracing and compiling a new one each time (mini-sd-s, 16 prompts: 10.4 s -> 3.5 s a grid)."""
 
-    def __init__(self, configs: SDConfigs, tokenizer, prompts: list[str], guidance: float):
+    def __init__(self, configs: SDConfigs, tokenizer, prompts: list[str], guidance: float, mesh=None):
         self.configs, self.tokenizer, self.prompts, self.guidance = configs, tokenizer, prompts, guidance
+        self.mesh = mesh
         self.sampler: Text2Image | None = None
 
     def __call__(self, params: dict, path: str) -> None:
         if self.sampler is None:
-            self.sampler = Text2Image(StableDiffusion(self.configs, params, self.tokenizer), "ddim", 25)
+            self.sampler = Text2Image(StableDiffusion(self.configs, params, self.tokenizer), "ddim", 25,
+                                      mesh=self.mesh)
         images = self.sampler.with_params(params).generate(self.prompts, seed=0, guidance=self.guidance)
-        save_grid(path, images, self.prompts, cols=len(self.prompts) // 2)
+        if distributed.is_main():
+            save_grid(path, images, self.prompts, cols=len(self.prompts) // 2)
 
 
-def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray, tokenizer, work: str):
+def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray, tokenizer, work: str, mesh=None):
     latent_hw = latents.shape[1:3]
     unet = UNet2DConditionModel(configs.unet, dtype=jnp.dtype(args.dtype),
                                 attention_chunk=(default_attention_chunk(latent_hw) if args.attention_chunk is None
@@ -213,6 +227,8 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(_schedule(args.lr, args.steps, 500), weight_decay=0.01))
     state = {"params": trainable, "opt": tx.init(trainable), "ema": trainable, "step": jnp.int32(0)}
+    if mesh is not None:  # FSDP: params, Adam moments and EMA split on fsdp by shape (qlip_jax.distributed)
+        state = distributed.put(state, distributed.param_shardings(state, mesh))
     ckpt = Checkpointer(os.path.join(work, "diffusion"))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
@@ -226,7 +242,7 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
                                   args.v_weighting, configs.scheduler.prediction_type, micro)
     key = jax.random.key(args.seed + 1)
     length = configs.text.max_position_embeddings
-    grid = GridSampler(configs, tokenizer, [r.text for r in scenes.prompt_set("eval")[:16]], args.guidance)
+    grid = GridSampler(configs, tokenizer, [r.text for r in scenes.prompt_set("eval")[:16]], args.guidance, mesh)
     start = int(state["step"])
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     if start > end:
@@ -242,16 +258,16 @@ def train_diffusion(args, configs: SDConfigs, params: dict, latents: np.ndarray,
         dropped = rng.random(args.batch) < args.cond_dropout
         texts = ["" if drop else c.text for c, drop in zip(captions, dropped)]
         x0 = latents[ids] * configs.vae.scaling_factor
-        state, metrics = step_fn(state, x0, tokenize(tokenizer, texts, length), jax.random.fold_in(key, s),
-                                 batch_weights(weights, ids, captions, dropped, args.object_weight_captions,
-                                               args.small_caption_weight))
+        w = batch_weights(weights, ids, captions, dropped, args.object_weight_captions, args.small_caption_weight)
+        state, metrics = step_fn(state, _rows_on(mesh, x0), _rows_on(mesh, tokenize(tokenizer, texts, length)),
+                                 jax.random.fold_in(key, s), None if w is None else _rows_on(mesh, w))
         if (s + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            bar.set_postfix(loss=f"{float(distributed.gather(metrics['loss'])):.4f}")
         if (s + 1) % args.ckpt_every == 0 or s + 1 == args.steps:
             ckpt.save(s + 1, state, {"stage": "diffusion"})
         if args.sample_every and ((s + 1) % args.sample_every == 0 or s + 1 == args.steps):
             grid({**state["ema"], "vae": params["vae"]}, os.path.join(work, "samples", f"step{s + 1:06d}.png"))
-    return state["ema"], float(metrics["loss"]) if end > start else None
+    return state["ema"], float(distributed.gather(metrics["loss"])) if end > start else None
 
 
 def training_schedule(config: SchedulerConfig, args) -> SchedulerConfig:
@@ -352,8 +368,10 @@ def main(argv=None) -> int:
                         "on the earlier VAE)")
     p.add_argument("--quiet", action="store_true")
     add_memory_arguments(p, "latents per diffusion micro-batch (gradient accumulation)")
+    distributed.add_mesh_argument(p)
     compile_cache.add_argument(p)
     args = p.parse_args(argv)
+    distributed.initialize()  # several processes (JAX_NUM_PROCESSES / QLIP_DISTRIBUTED): join them first
     check_seed(args.seed, 2, uses="the diffusion stage draws from --seed + 1")
     for name in ("vae_steps", "steps", "sample_every"):
         check_int(getattr(args, name), "--" + name.replace("_", "-"), 0)
@@ -395,11 +413,16 @@ def main(argv=None) -> int:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
 
+    mesh = distributed.mesh_from_arg(args.mesh) if args.mesh or jax.process_count() > 1 else None
+    distributed.check_rows(args.batch, mesh, "--batch")
+    if args.vae_steps > 0:
+        distributed.check_rows(args.vae_batch, mesh, "--vae-batch")
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
     tok_dir = os.path.join(args.work, "tokenizer")
-    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+    if distributed.is_main() and not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
         convert_clip_bpe(find_clip_bpe(), tok_dir)
+    distributed.barrier("tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     configs = configs_from_dicts(preset(args.preset))
     configs = dataclasses.replace(configs, scheduler=training_schedule(configs.scheduler, args))
@@ -428,13 +451,17 @@ def main(argv=None) -> int:
                   f"ones.", file=sys.stderr)
     vae_trained = 0
     if args.vae_steps > 0:
-        params["vae"], vae_trained = train_vae(args, configs, params["vae"], args.work)
+        params["vae"], vae_trained = train_vae(args, configs, params["vae"], args.work, mesh)
+        params["vae"] = jax.tree.map(distributed.gather, params["vae"])  # host values: encoded on each process
     latents = encode_training_latents(args, configs, params["vae"], args.work)
     scale = float(1.0 / latents.std())
     configs = dataclasses.replace(configs, vae=dataclasses.replace(configs.vae, scaling_factor=scale))
     print(f"[pretrain] latents {latents.shape}, std {latents.std():.4f} -> scaling_factor {scale:.5f}",
           file=sys.stderr)
-    ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work)
+    ema, last_loss = train_diffusion(args, configs, params, latents, tokenizer, args.work, mesh)
+    if not distributed.is_main():  # process 0 exports and records
+        return 0
+    ema = jax.tree.map(distributed.gather, ema)
     stopped = args.stop_at is not None and args.stop_at < args.steps
     trained = vae_trained > 0 or last_loss is not None
     if stopped and not args.export_on_stop:

@@ -44,8 +44,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from qlip_jax import distributed
 from qlip_jax.errors import SEED_MAX, BadArgument
 from qlip_jax.models.clip import CLIPTextModel
 from qlip_jax.models.sd import StableDiffusion
@@ -102,7 +103,9 @@ class Text2Image:
       height, width: image size (default: UNet ``sample_size`` x VAE factor).
       quant: quantizer for schedule-driven sampling (None: float only).
       eta: DDIM eta (0: deterministic DDIM).
-      mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis; the batch is sharded over it.
+      mesh: optional mesh of :mod:`qlip_jax.distributed` (axes ``data``, ``fsdp``, over one or many
+        processes): the batch is split over both axes, the UNet's params over ``fsdp``; images and
+        trajectories come back whole on every process.
       dtype: compute dtype of the UNet (e.g. ``jnp.bfloat16`` on TPU); params stay float32, and the
         scheduler arithmetic, text encoder and VAE run in float32.
       guidance_rescale: ``phi`` in ``[0, 1]`` of :func:`qlip_jax.sampling.guidance.combine` (0: plain
@@ -263,12 +266,11 @@ class Text2Image:
         args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
                 schedule, None if latents is None else jnp.asarray(latents, jnp.float32)]
         pad = 0
-        if self.mesh is not None:
-            n = self.mesh.shape["data"]
-            pad = -b % n
+        if self.mesh is not None:  # rows split over the mesh (padded to a multiple of its batch shards)
+            pad = -b % distributed.batch_shards(self.mesh)
             args = [None if a is None else _pad_rows(a, pad) for a in args]
-            shard = NamedSharding(self.mesh, PartitionSpec("data"))
-            args = [None if a is None else jax.device_put(a, shard) for a in args]
+            shard = NamedSharding(self.mesh, distributed.batch_spec(self.mesh))
+            args = [None if a is None else distributed.put(a, shard) for a in args]
         images, _ = self._run(args, guidance)
         return images[:b]
 
@@ -298,8 +300,10 @@ class Text2Image:
         p = {"unet": self.sd.params["unet"], "vae": self.sd.params["vae"],
              "quant": None if self.quant is None else self.quant.state,
              "ptqd": self.quant.ptqd if self._ptqd else None}
-        if self.mesh is not None:
-            p = jax.device_put(p, NamedSharding(self.mesh, PartitionSpec()))
+        if self.mesh is not None:  # the UNet split on fsdp (if the mesh has it), the rest replicated
+            unet = p.pop("unet")
+            p = distributed.put(p, distributed.replicated(self.mesh))
+            p["unet"] = distributed.put(unet, distributed.param_shardings(unet, self.mesh))
         return p
 
     def _run(self, args: list, guidance: jax.Array, keep_trajectory: bool = False):
@@ -309,7 +313,7 @@ class Text2Image:
         params = self._params()
         if not self.batch_invariant:
             images, traj = self._sample(params, *args, guidance, keep_trajectory=keep_trajectory)
-            return np.asarray(images), None if traj is None else np.asarray(traj)
+            return distributed.gather(images), None if traj is None else distributed.gather(traj)
         rows = [self._sample(params, *[None if a is None else a[i:i + 1] for a in args], guidance,
                              keep_trajectory=keep_trajectory) for i in range(args[0].shape[0])]
         images = np.concatenate([np.asarray(r[0]) for r in rows])

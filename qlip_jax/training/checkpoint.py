@@ -25,6 +25,14 @@ import orbax.checkpoint as ocp
 from qlip_jax.errors import BadFile, MissingFile, describe
 
 
+def _abstract(x):
+    """Restore target of one leaf: a sharded ``jax.Array`` is restored with its sharding (each process
+    reads its own shards; the template's mesh may differ from the one saved), anything else as NumPy."""
+    if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.zeros(np.shape(x), np.asarray(x).dtype)
+
+
 class Checkpointer:
     """Keeps the last ``max_to_keep`` saves of a training state under ``directory``."""
 
@@ -46,11 +54,21 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def _restore(self, step: int, template):
-        abstract = None if template is None else jax.tree.map(
-            lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
+        abstract = self._as_saved(step) if template is None else jax.tree.map(_abstract, template)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def _as_saved(self, step: int):
+        """NumPy restore targets in the saved shapes and dtypes, so a checkpoint written on any mesh (e.g.
+        sharded over a pod) reads back whole on one process; None if its metadata cannot be read."""
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        except Exception:  # noqa: BLE001 - then orbax restores as saved, or reports the problem itself
+            return None
+        tree = getattr(meta, "item_metadata", meta)
+        return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree,
+                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
     def restore(self, template=None, step: int | None = None):
         """``(state, meta)`` of ``step`` in the structure/dtypes of ``template`` (or as saved, as NumPy
