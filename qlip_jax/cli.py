@@ -309,6 +309,8 @@ def cmd_demo(args) -> int:
         _, paths = run_evaluation(args, quant_dirs, selector_dirs, tag="demo")
     except QuantStateMismatch as e:
         raise MismatchError(e.problem, "with --model, pass --quant and --selector made for that model") from None
+    if not paths:  # not process 0 of a multi-process run: it wrote the report
+        return 0
     print(f"\nreport: {os.path.join(os.path.abspath(args.out), 'report.md')} (also report.csv, report.json)")
     print("pictures: " + ", ".join(sorted(os.path.basename(p) for p in paths.values() if p.endswith(".png"))))
     return 0

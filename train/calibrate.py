@@ -35,10 +35,11 @@ import os
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlip_jax import compile_cache
+from qlip_jax import compile_cache, distributed
 from qlip_jax.assets import default_model_dir
 from qlip_jax.atomic import check_writable_dir
 from qlip_jax.data.sources import add_source_arguments, source_from_args
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_memory_arguments(p, "prompts per calibration trajectory batch and samples per qdiff reconstruction "
                             "micro-batch (gradient accumulation)")
+    distributed.add_mesh_argument(p)
     compile_cache.add_argument(p)
     return p
 
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 @program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.initialize()  # several processes: trajectories split over them, every process saves its part
     compile_cache.from_args(args)
+    mesh = distributed.mesh_from_arg(args.mesh) if args.mesh or jax.process_count() > 1 else None
     if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):
         raise BadArgument(f"--init {args.init} does not apply to --method {args.method}",
                           "qdiff starts from minmax/percentile/mse/tdq, ptqd from any of those or qdiff")
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     sd = load_stable_diffusion(args.model or default_model_dir(), args.variant,
                                unet_dtype=None if dtype.itemsize == 2 else np.float32)
-    pipe = Text2Image(sd, args.scheduler, args.steps, dtype=dtype, attention_chunk=args.attention_chunk)
+    pipe = Text2Image(sd, args.scheduler, args.steps, dtype=dtype, attention_chunk=args.attention_chunk, mesh=mesh)
     opts = dict(recon)
     if args.init is not None:
         opts["init"] = args.init
@@ -161,7 +165,9 @@ def main(argv=None) -> int:
             "seed": args.seed, "command": "python train/calibrate.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             "minutes": round((time.time() - t0) / 60, 2)}
-    save_quant_setup(args.out, setup, model_fingerprint(sd.configs.unet, sd.params["unet"]), meta)
+    save_quant_setup(args.out, setup, model_fingerprint(sd.configs.unet, sd.params["unet"]), meta)  # all processes
+    if not distributed.is_main():
+        return 0
     print(json.dumps(meta, indent=1))
     print(f"[calibrate] saved {len(setup.registry)} layers to {args.out}", file=sys.stderr)
     return 0

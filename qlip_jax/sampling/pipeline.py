@@ -265,14 +265,17 @@ class Text2Image:
             raise ValueError(f"latents must have shape {(b, *self.latent_shape)}, got {np.shape(latents)}")
         args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
                 schedule, None if latents is None else jnp.asarray(latents, jnp.float32)]
-        pad = 0
-        if self.mesh is not None:  # rows split over the mesh (padded to a multiple of its batch shards)
-            pad = -b % distributed.batch_shards(self.mesh)
-            args = [None if a is None else _pad_rows(a, pad) for a in args]
-            shard = NamedSharding(self.mesh, distributed.batch_spec(self.mesh))
-            args = [None if a is None else distributed.put(a, shard) for a in args]
-        images, _ = self._run(args, guidance)
+        images, _ = self._run(self._place(args), guidance)
         return images[:b]
+
+    def _place(self, args: list) -> list:
+        """Batch arrays ``[B, ...]`` (or None) as the jitted loop takes them: with a mesh, padded to a
+        multiple of its batch shards (the last row repeated) and split over them."""
+        if self.mesh is None:
+            return args
+        pad = -args[0].shape[0] % distributed.batch_shards(self.mesh)
+        shard = NamedSharding(self.mesh, distributed.batch_spec(self.mesh))
+        return [None if a is None else distributed.put(_pad_rows(a, pad), shard) for a in args]
 
     def trajectory(self, emb: TextEmbeddings, seeds, guidance: float | np.ndarray = 7.5,
                    schedule: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +290,8 @@ class Text2Image:
             self.check_schedule(schedule, b)
         args = [emb.cond, jnp.broadcast_to(emb.uncond, emb.cond.shape), jnp.asarray(seeds),
                 None if schedule is None else jnp.asarray(schedule), None]
-        return self._run(args, self.guidance_scales(guidance), keep_trajectory=True)
+        images, traj = self._run(self._place(args), self.guidance_scales(guidance), keep_trajectory=True)
+        return images[:b], traj[:, :b]
 
     def generate(self, prompts: list[str], seed: int = 0, guidance: float | np.ndarray = 7.5,
                  schedule: np.ndarray | None = None) -> np.ndarray:
