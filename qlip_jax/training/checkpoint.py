@@ -33,6 +33,13 @@ def _abstract(x):
     return np.zeros(np.shape(x), np.asarray(x).dtype)
 
 
+def _global_or_host(x):
+    """A leaf orbax can save from several processes: mesh-wide arrays as they are, host-local ones as NumPy."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return np.asarray(x)
+    return x
+
+
 class Checkpointer:
     """Keeps the last ``max_to_keep`` saves of a training state under ``directory``."""
 
@@ -45,7 +52,12 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict | None = None) -> None:
-        """Save ``state`` (pytree) and ``meta`` (JSON-able) at ``step``; blocks until written."""
+        """Save ``state`` (pytree) and ``meta`` (JSON-able) at ``step``; blocks until written.
+
+        Several processes: every one calls this; arrays split over the mesh are written shard by shard,
+        values each process holds whole (host-local arrays, NumPy) are written once."""
+        if jax.process_count() > 1:
+            state = jax.tree.map(_global_or_host, state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
         self.manager.wait_until_finished()
