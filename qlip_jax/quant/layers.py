@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from qlip_jax.naming import flax_to_torch_path
-from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float
+from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float, round_ste
 from qlip_jax.quant.state import QuantArgs
 
 Dtype = jnp.dtype
@@ -62,6 +62,31 @@ def _rows(scale: jax.Array, q: QuantArgs, batch: int) -> jax.Array:
     if scale.ndim != 1:
         raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {scale.shape}")
     return jnp.broadcast_to(scale, (batch,) + scale.shape)
+
+
+def _quantize_prepared(x: jax.Array, rows: dict, prefix: str, split: jax.Array | None = None) -> jax.Array:
+    """:func:`_quantize_activation` (no ``mix``) on parameters :func:`~qlip_jax.quant.state.prepare_rows`
+    computed: ``rows`` is the layer's entry, ``prefix`` its quantizer (``a`` or ``b``), ``split`` the
+    channel index of a split-concat input (channels ``[split:]`` use the ``a_skip`` quantizer).
+
+    The same operations on each element as the per-layer path, as XLA CPU compiles it (its ``x / s``
+    is ``x * (1 / s)``, ``1 / s`` taken per row), with every per-row value precomputed so that the
+    whole quantizer is one elementwise kernel."""
+    b = x.shape[0]
+    if split is None:
+        s, r, zp = (_per_row(rows[f"{prefix}_{k}"], x.ndim) for k in ("s", "r", "zp"))
+    else:
+        is_main = jnp.arange(x.shape[-1]) < split                            # [C]
+        shape = (b,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+
+        def both(k):
+            return jnp.where(is_main, rows[f"a_{k}"][:, None], rows[f"a_skip_{k}"][:, None]).reshape(shape)
+
+        s, r, zp = both("s"), both("r"), both("zp")
+    hi, fp = _per_row(rows["hi"], x.ndim), _per_row(rows["fp"], x.ndim)
+    x32 = x.astype(jnp.float32)
+    qv = jnp.clip(round_ste(x32 * r) + zp, jnp.zeros_like(hi), hi)
+    return jnp.where(fp, x32, (qv - zp) * s)
 
 
 def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: jax.Array,
@@ -134,7 +159,7 @@ def quantize_weight(kernel: jax.Array, state: dict, bits: jax.Array) -> jax.Arra
 
 def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                         kernel: jax.Array, state: dict, idx: jax.Array, q: QuantArgs,
-                        dtype: Dtype, mix: jax.Array | None = None) -> jax.Array:
+                        dtype: Dtype, mix: jax.Array | None = None, rows: dict | None = None) -> jax.Array:
     """Apply ``op(x, kernel)`` with fake-quantized input and kernel.
 
     Args:
@@ -146,28 +171,58 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
         quantization of a concatenated input), and ``[S, K]`` step tables instead of ``[K]`` (TDQ).
       idx: ``[B]`` candidate index per row.
       mix: optional ``[B, K]`` straight-through candidate weights (see :class:`QuantArgs`).
+      rows: optional per-row parameters of this layer precomputed for ``idx``
+        (:func:`~qlip_jax.quant.state.prepare_rows`); ignored with ``mix``.
     """
     cfg = q.config
     if idx.shape != (x.shape[0],):
         raise ValueError(f"bit index must have shape [B={x.shape[0]}], got {idx.shape}")
-    xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix,
-                              _skip_quantizer(state)).astype(dtype)
+    rows = rows if mix is None else None
+    if rows is None:
+        xq = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix, _skip_quantizer(state))
+    else:
+        skip = _skip_quantizer(state)
+        xq = _quantize_prepared(x, rows, "a", None if skip is None else skip[2])
+    xq = xq.astype(dtype)
     wq = quantize_weight(kernel, state, jnp.float32(cfg.weight_bits))
     if q.quantized_only:
         return op(xq, wq.astype(dtype))
-    is_fp = idx == cfg.fp_index
-    all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
+    if rows is None:
+        is_fp = idx == cfg.fp_index
+        all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
+        is_mixed = jnp.logical_and(any_fp, ~all_fp)
+        row_fp, every_fp = (lambda: is_fp), (lambda: all_fp)
+    else:
+        # read inside the branch (see prepare_rows)
+        row_fp, every_fp = (lambda: rows["w_fp_all"][rows["col"]]), (lambda: rows["all_fp_all"][rows["col"]])
+        is_mixed = rows["mixed"]
 
-    def uniform():
-        # Every row uses the same weight variant; xq is already exact x on fp rows.
-        return op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
+    if rows is None:
+        def uniform():
+            # Every row uses the same weight variant; xq is already exact x on fp rows.
+            return op(xq, jnp.where(every_fp(), kernel, wq).astype(dtype))
 
-    def mixed():
-        y_fp = op(x.astype(dtype), kernel.astype(dtype))
-        y_q = op(xq, wq.astype(dtype))
-        return jnp.where(_per_row(is_fp, y_q.ndim), y_fp, y_q)
+        def mixed():
+            y_fp = op(x.astype(dtype), kernel.astype(dtype))
+            y_q = op(xq, wq.astype(dtype))
+            return jnp.where(_per_row(row_fp(), y_q.ndim), y_fp, y_q)
 
-    return jax.lax.cond(jnp.logical_and(any_fp, ~all_fp), mixed, uniform)
+        return jax.lax.cond(is_mixed, mixed, uniform)
+    # The same values with fewer kernels: the uniform op is computed outside the conditional (with
+    # mixed rows it is the quantized op), and the float op of the mixed rows reads xq, which is the
+    # input cast to the compute dtype on full-precision rows (x.astype(dtype) in the branch above);
+    # rows of a convolution or matmul are computed independently, so those rows are equal. ``x`` then
+    # has no other reader than the activation quantizer, which XLA can fuse with x's producer.
+    y = op(xq, jnp.where(every_fp(), kernel, wq).astype(dtype))
+    return jax.lax.cond(is_mixed, lambda: jnp.where(_per_row(row_fp(), y.ndim), op(xq, kernel.astype(dtype)), y),
+                        lambda: y)
+
+
+def _prepared(q: QuantArgs, name: str) -> dict | None:
+    """The layer's :attr:`QuantArgs.prepared` rows, if the call has them and no ``mix``."""
+    if q.prepared is None or q.mix is not None:
+        return None
+    return q.prepared[name]
 
 
 class _Quantizable(nn.Module):
@@ -212,7 +267,8 @@ class _WeightLayer(_Quantizable):
             y = op(x.astype(self.dtype), kernel.astype(self.dtype))
         else:
             state, idx = q.layer(self.qname)
-            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname))
+            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname),
+                                    _prepared(q, self.qname))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -289,6 +345,11 @@ class QMatmul(_Quantizable):
             cast = lambda x: x.astype(self.dtype)  # noqa: E731
             return cast, cast
         state, idx = q.layer(self.qname)
+        rows = _prepared(q, self.qname)
+        if rows is not None:
+            fa = lambda x: _quantize_prepared(x, rows, "a").astype(self.dtype)  # noqa: E731
+            fb = lambda x: _quantize_prepared(x, rows, "b").astype(self.dtype)  # noqa: E731
+            return fa, fb
         mix = q.layer_mix(self.qname)
         fa = lambda x: _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q,  # noqa: E731
                                             mix).astype(self.dtype)

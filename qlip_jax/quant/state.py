@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax.errors import BadArgument
-from qlip_jax.quant.fake_quant import FLOAT_BITS
+from qlip_jax.quant.fake_quant import FLOAT_BITS, int_range, round_ste
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +122,9 @@ class QuantArgs:
         ``[S, K]`` tables are read at row ``step``). A scalar is broadcast to every row.
       quantized_only: static promise that no row uses the full-precision candidate, so weight layers
         skip the float/quantized weight select (a smaller graph, e.g. for reconstruction training).
+      prepared: optional ``{layer_name: {key: array}}`` per-row quantizer parameters of every layer,
+        computed at once by :func:`prepare_rows` (``from_indices(..., prepare=True)``); layers then
+        read them instead of looking their rows up themselves (see :func:`prepare_rows`).
     """
 
     state: dict[str, dict[str, jax.Array]]
@@ -130,14 +133,19 @@ class QuantArgs:
     mix: dict[str, jax.Array] | None = None
     step: jax.Array | None = None
     quantized_only: bool = flax.struct.field(pytree_node=False, default=False)
+    prepared: dict[str, dict[str, jax.Array]] | None = None
 
     @classmethod
     def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
                      config: QuantConfig, step: jax.Array | None = None,
-                     quantized_only: bool = False) -> "QuantArgs":
+                     quantized_only: bool = False, prepare: bool = False) -> "QuantArgs":
         """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order).
 
         ``step``: the sampler step (int scalar or ``[B]``), needed by step-table (TDQ) states.
+        ``prepare``: compute every layer's per-row quantizer parameters here, in a few vectorized
+        operations over all layers (:func:`prepare_rows`), instead of in each layer: the same forward
+        values with a much smaller compiled program (for inference; gradients with respect to the
+        state's step sizes are not those of the layers' own path, see :func:`prepare_rows`).
         """
         if indices.ndim != 2 or indices.shape[1] != len(layer_names):
             raise ValueError(f"bit indices must have shape [B, L={len(layer_names)}], got {indices.shape}")
@@ -146,8 +154,10 @@ class QuantArgs:
                 np.asarray(indices) == config.fp_index):
             raise ValueError("quantized_only=True but some bit index is the full-precision candidate")
         indices = jnp.asarray(indices).astype(jnp.int32)
+        step = _rows(step, indices.shape[0])
         return cls(state=state, idx={n: indices[:, l] for l, n in enumerate(layer_names)},
-                   config=config, step=_rows(step, indices.shape[0]), quantized_only=quantized_only)
+                   config=config, step=step, quantized_only=quantized_only,
+                   prepared=prepare_rows(state, indices, layer_names, config, step) if prepare else None)
 
     @classmethod
     def from_mix(cls, state: dict, mix: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
@@ -173,6 +183,85 @@ class QuantArgs:
         if name not in self.idx:
             raise KeyError(f"bit indices have no entry for layer '{name}'")
         return self.state[name], self.idx[name]
+
+
+#: Activation quantizers of a layer's state: ``prefix -> (scale key, zero-point key)``.
+ACT_QUANTIZERS = {"a": ("a_scale", "a_zero"), "a_skip": ("a_scale_skip", "a_zero_skip"), "b": ("b_scale", "b_zero")}
+
+
+def prepare_rows(state: dict, indices: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
+                 step: jax.Array | None) -> dict[str, dict[str, jax.Array]]:
+    """Every layer's per-row quantizer parameters, for bit indices ``indices [B, L]``, at once.
+
+    What each layer's own path (:func:`qlip_jax.quant.layers._quantize_activation`) computes per
+    layer from its ``[K]`` / ``[S, K]`` tables and its ``idx [B]`` (gathers, ``2 ** bits``, the
+    reciprocal of the step, the full-precision tests), here as a handful of ``[L, B]`` operations
+    over all layers; each layer then reads rows of them. Compiled, the per-layer path costs XLA CPU a
+    dozen small kernels per layer, this one a few for the whole UNet (docs/speed.md).
+
+    Returns ``{layer_name: d}`` with, all ``[B]`` unless noted:
+
+    * ``fp``: activation passes unquantized (the full-precision candidate, or a 32-bit width);
+    * ``hi``: upper clip bound ``2 ** bits - 1`` (8 bits where ``fp``, to keep it finite);
+    * ``w_fp_all [L, B]``: the row uses the float kernel (full-precision candidate), ``all_fp_all [L]``:
+      every row does, both for all layers (``col``: the layer's index), ``mixed``: scalar, some but not
+      all rows of this layer do;
+    * per activation quantizer ``p`` the state has (``a``, ``a_skip``, ``b``: :data:`ACT_QUANTIZERS`):
+      ``p_s`` the step, ``p_r = 1 / p_s``, ``p_zp`` the zero point rounded (with STE).
+
+    The quantizer then computes ``(clip(round(x * r) + zp, 0, hi) - zp) * s``: XLA CPU evaluates the
+    layers' ``x / s`` (a division by a broadcast step) as ``x * (1 / s)`` too, so the values are the
+    same bit for bit (tests/test_prepared.py). Gradients with respect to ``s`` are mathematically,
+    not bitwise, those of ``x / s``: use the layers' own path (the default) to train step sizes.
+    """
+    b = indices.shape[0]
+    cfg = config
+    col = {n: l for l, n in enumerate(layer_names)}
+    idx_t = indices.T                                                        # [L, B]
+    bits = jnp.asarray(cfg.act_bits_table())[idx_t]                          # [L, B]
+    w_fp = idx_t == cfg.fp_index
+    fp = jnp.logical_or(w_fp, bits >= FLOAT_BITS)
+    _, hi = int_range(jnp.where(fp, 8.0, bits), signed=False)
+    any_fp, all_fp = jnp.any(w_fp, axis=1), jnp.all(w_fp, axis=1)            # [L]
+    mixed = jnp.logical_and(any_fp, ~all_fp)
+    # w_fp and all_fp are read inside the weight layers' lax.cond branches: handed over whole, with the
+    # layer's column, so that the slice is computed in the branch (an operand of a conditional is
+    # materialized: a slice taken outside would be one more kernel per layer)
+    out = {n: {"fp": fp[col[n]], "hi": hi[col[n]], "mixed": mixed[col[n]], "col": col[n],
+               "w_fp_all": w_fp, "all_fp_all": all_fp} for n in layer_names if n in state}
+    k_all = jnp.minimum(idx_t, cfg.num_quantized - 1)   # the fp candidate has no scale of its own
+    # one stack per table shape: [K] tables, and [S, K] step tables per S
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for n in layer_names:
+        for prefix, (sk, zk) in ACT_QUANTIZERS.items():
+            if n in state and sk in state[n]:
+                t_s, t_z = state[n][sk], state[n][zk]
+                key = (jnp.shape(t_s), jnp.result_type(t_s), jnp.shape(t_z), jnp.result_type(t_z))
+                groups.setdefault(key, []).append((n, prefix))
+    for (shape, _, _, _), members in groups.items():
+        sk, zk = ACT_QUANTIZERS[members[0][1]]
+        scale = jnp.stack([state[n][ACT_QUANTIZERS[p][0]] for n, p in members])    # [G, K] or [G, S, K]
+        zero = jnp.stack([state[n][ACT_QUANTIZERS[p][1]] for n, p in members])
+        k = k_all[jnp.asarray([col[n] for n, _ in members])]                         # [G, B]
+        if len(shape) == 2:
+            if step is None:
+                raise ValueError(f"this quantizer has per-step activation scales [S={shape[0]}, K] (a TDQ "
+                                 "state); the call needs the sampler step index: "
+                                 "QuantArgs.from_indices(..., step=i)")
+            row = jnp.clip(step, 0, shape[0] - 1)                                   # [B]
+            scale, zero = scale[:, row], zero[:, row]                                 # [G, B, K]
+        elif len(shape) == 1:
+            scale = jnp.broadcast_to(scale[:, None], (len(members), b, shape[0]))
+            zero = jnp.broadcast_to(zero[:, None], (len(members), b, shape[0]))
+        else:
+            raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {shape}")
+        s = jnp.take_along_axis(scale, k[..., None], axis=2)[..., 0]                 # [G, B]
+        z = jnp.take_along_axis(zero, k[..., None], axis=2)[..., 0]
+        r = 1.0 / s
+        zp = round_ste(z)
+        for g, (n, p) in enumerate(members):
+            out[n].update({f"{p}_s": s[g], f"{p}_r": r[g], f"{p}_zp": zp[g]})
+    return out
 
 
 def _rows(step, batch: int):

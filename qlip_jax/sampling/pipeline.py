@@ -107,6 +107,11 @@ class Text2Image:
         latent tokens, :func:`~qlip_jax.models.unet.default_attention_chunk`); equal to float rounding.
     """
 
+    #: Quantized steps hand the UNet every layer's per-row quantizer parameters computed at once
+    #: (``QuantArgs.from_indices(..., prepare=True)``: the same images, a much smaller program);
+    #: False (set before the first call) makes each layer look its rows up itself.
+    prepare_rows: bool = True
+
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
                  eta: float = 0.0, mesh: Mesh | None = None, dtype=jnp.float32, guidance_rescale: float = 0.0,
@@ -323,7 +328,7 @@ class Text2Image:
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
-                                           self.quant.config, step=i)
+                                           self.quant.config, step=i, prepare=self.prepare_rows)
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             g = guidance[i]
             eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,
