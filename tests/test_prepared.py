@@ -11,7 +11,7 @@ import pytest
 
 from qlip_jax.ptq.calibration import calibrate_minmax
 from qlip_jax.quant.layers import _quantize_activation, _quantize_prepared
-from qlip_jax.quant.state import QuantArgs, QuantConfig, prepare_rows
+from qlip_jax.quant.state import QuantArgs, QuantConfig, prepare_rows, unpack_row
 from qlip_jax.sampling.pipeline import Text2Image
 
 STEPS = 3
@@ -92,7 +92,7 @@ def test_prepared_activation_quantizer_matches_reference_and_layer_path():
     idx = np.asarray([0, 1, 2, 3, 1], np.int32)                  # 3: the full-precision candidate
     x = (rng.normal(size=(5, 4, 4, 6)) * 3).astype(np.float32)
     q = QuantArgs.from_indices(state, idx[:, None], ("l",), cfg, prepare=True)
-    rows = q.prepared["l"]
+    rows = unpack_row(q.prepared["l"], 5)
     got = np.asarray(jax.jit(lambda x: _quantize_prepared(x, rows, "a"))(x))
     kk = np.minimum(idx, k - 1)
     bits = cfg.act_bits_table()[idx]

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from qlip_jax.naming import flax_to_torch_path
 from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float, round_ste
-from qlip_jax.quant.state import QuantArgs
+from qlip_jax.quant.state import QuantArgs, unpack_row
 
 Dtype = jnp.dtype
 
@@ -191,21 +191,18 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
         is_fp = idx == cfg.fp_index
         all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
         is_mixed = jnp.logical_and(any_fp, ~all_fp)
-        row_fp, every_fp = (lambda: is_fp), (lambda: all_fp)
     else:
-        # read inside the branch (see prepare_rows)
-        row_fp, every_fp = (lambda: rows["w_fp_all"][rows["col"]]), (lambda: rows["all_fp_all"][rows["col"]])
-        is_mixed = rows["mixed"]
+        is_fp, all_fp, is_mixed = rows["w_fp"], rows["all_fp"], rows["mixed"]
 
     if rows is None:
         def uniform():
             # Every row uses the same weight variant; xq is already exact x on fp rows.
-            return op(xq, jnp.where(every_fp(), kernel, wq).astype(dtype))
+            return op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
 
         def mixed():
             y_fp = op(x.astype(dtype), kernel.astype(dtype))
             y_q = op(xq, wq.astype(dtype))
-            return jnp.where(_per_row(row_fp(), y_q.ndim), y_fp, y_q)
+            return jnp.where(_per_row(is_fp, y_q.ndim), y_fp, y_q)
 
         return jax.lax.cond(is_mixed, mixed, uniform)
     # The same values with fewer kernels: the uniform op is computed outside the conditional (with
@@ -213,16 +210,16 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
     # input cast to the compute dtype on full-precision rows (x.astype(dtype) in the branch above);
     # rows of a convolution or matmul are computed independently, so those rows are equal. ``x`` then
     # has no other reader than the activation quantizer, which XLA can fuse with x's producer.
-    y = op(xq, jnp.where(every_fp(), kernel, wq).astype(dtype))
-    return jax.lax.cond(is_mixed, lambda: jnp.where(_per_row(row_fp(), y.ndim), op(xq, kernel.astype(dtype)), y),
+    y = op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
+    return jax.lax.cond(is_mixed, lambda: jnp.where(_per_row(is_fp, y.ndim), op(xq, kernel.astype(dtype)), y),
                         lambda: y)
 
 
 def _prepared(q: QuantArgs, name: str) -> dict | None:
-    """The layer's :attr:`QuantArgs.prepared` rows, if the call has them and no ``mix``."""
+    """The layer's :attr:`QuantArgs.prepared` rows (unpacked), if the call has them and no ``mix``."""
     if q.prepared is None or q.mix is not None:
         return None
-    return q.prepared[name]
+    return unpack_row(q.prepared[name], q.idx[name].shape[0])
 
 
 class _Quantizable(nn.Module):

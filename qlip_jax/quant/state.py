@@ -122,9 +122,10 @@ class QuantArgs:
         ``[S, K]`` tables are read at row ``step``). A scalar is broadcast to every row.
       quantized_only: static promise that no row uses the full-precision candidate, so weight layers
         skip the float/quantized weight select (a smaller graph, e.g. for reconstruction training).
-      prepared: optional ``{layer_name: {key: array}}`` per-row quantizer parameters of every layer,
-        computed at once by :func:`prepare_rows` (``from_indices(..., prepare=True)``); layers then
-        read them instead of looking their rows up themselves (see :func:`prepare_rows`).
+      prepared: optional ``{layer_name: float32 [12 B + 2]}`` per-row quantizer parameters of every
+        layer, computed at once by :func:`prepare_rows` (``from_indices(..., prepare=True)``, or the
+        sampler for all its steps before its loop); layers then read them (:func:`unpack_row`)
+        instead of looking their rows up themselves.
     """
 
     state: dict[str, dict[str, jax.Array]]
@@ -189,60 +190,71 @@ class QuantArgs:
 ACT_QUANTIZERS = {"a": ("a_scale", "a_zero"), "a_skip": ("a_scale_skip", "a_zero_skip"), "b": ("b_scale", "b_zero")}
 
 
+#: Layout of a layer's prepared row vector (:func:`prepare_rows`): ``field -> offset in units of B``;
+#: the scalars ``all_fp`` and ``mixed`` follow at offsets ``12 B`` and ``12 B + 1``.
+ROW_FIELDS = {f"{p}_{k}": 3 * i + j for i, p in enumerate(ACT_QUANTIZERS) for j, k in enumerate(("s", "r", "zp"))}
+ROW_FIELDS.update(hi=9, fp=10, w_fp=11)
+_FILLER = {"s": 1.0, "r": 1.0, "zp": 0.0}
+
+
 def prepare_rows(state: dict, indices: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
-                 step: jax.Array | None) -> dict[str, dict[str, jax.Array]]:
+                 step: jax.Array | None) -> dict[str, jax.Array]:
     """Every layer's per-row quantizer parameters, for bit indices ``indices [B, L]``, at once.
 
     What each layer's own path (:func:`qlip_jax.quant.layers._quantize_activation`) computes per
     layer from its ``[K]`` / ``[S, K]`` tables and its ``idx [B]`` (gathers, ``2 ** bits``, the
     reciprocal of the step, the full-precision tests), here as a handful of ``[L, B]`` operations
-    over all layers; each layer then reads rows of them. Compiled, the per-layer path costs XLA CPU a
-    dozen small kernels per layer, this one a few for the whole UNet (docs/speed.md).
+    over all layers. Returns ``{layer_name: v}``, ``v`` a float32 vector ``[12 B + 2]`` (read with
+    :func:`unpack_row`) holding, per row (``[B]`` each):
 
-    Returns ``{layer_name: d}`` with, all ``[B]`` unless noted:
-
-    * ``fp``: activation passes unquantized (the full-precision candidate, or a 32-bit width);
+    * per activation quantizer ``p`` (``a``, ``a_skip``, ``b``: :data:`ACT_QUANTIZERS`; 1, 1, 0 where
+      the layer has none): ``p_s`` the step, ``p_r = 1 / p_s``, ``p_zp`` the zero point rounded (STE);
     * ``hi``: upper clip bound ``2 ** bits - 1`` (8 bits where ``fp``, to keep it finite);
-    * ``w_fp_all [L, B]``: the row uses the float kernel (full-precision candidate), ``all_fp_all [L]``:
-      every row does, both for all layers (``col``: the layer's index), ``mixed``: scalar, some but not
-      all rows of this layer do;
-    * per activation quantizer ``p`` the state has (``a``, ``a_skip``, ``b``: :data:`ACT_QUANTIZERS`):
-      ``p_s`` the step, ``p_r = 1 / p_s``, ``p_zp`` the zero point rounded (with STE).
+    * ``fp``: the activation passes unquantized (the full-precision candidate, or a 32-bit width);
+    * ``w_fp``: the row uses the float kernel (full-precision candidate);
+
+    and the scalars ``all_fp`` (every row uses the float kernel) and ``mixed`` (some but not all do).
 
     The quantizer then computes ``(clip(round(x * r) + zp, 0, hi) - zp) * s``: XLA CPU evaluates the
     layers' ``x / s`` (a division by a broadcast step) as ``x * (1 / s)`` too, so the values are the
     same bit for bit (tests/test_prepared.py). Gradients with respect to ``s`` are mathematically,
     not bitwise, those of ``x / s``: use the layers' own path (the default) to train step sizes.
+
+    One vector per layer so that, handed to the layers as separate buffers (the sampler carries them
+    through its step loop), each layer's kernels read their parameters at the same offsets: XLA CPU
+    compiles structurally identical kernels once, so layers of the same shapes then share kernels.
     """
     b = indices.shape[0]
     cfg = config
+    f32 = jnp.float32
+    names = [n for n in layer_names if n in state]
+    if not names:
+        return {}
     col = {n: l for l, n in enumerate(layer_names)}
-    idx_t = indices.T                                                        # [L, B]
+    idx_t = indices.T[np.asarray([col[n] for n in names])]                     # [L, B]
     bits = jnp.asarray(cfg.act_bits_table())[idx_t]                          # [L, B]
     w_fp = idx_t == cfg.fp_index
     fp = jnp.logical_or(w_fp, bits >= FLOAT_BITS)
     _, hi = int_range(jnp.where(fp, 8.0, bits), signed=False)
     any_fp, all_fp = jnp.any(w_fp, axis=1), jnp.all(w_fp, axis=1)            # [L]
     mixed = jnp.logical_and(any_fp, ~all_fp)
-    # w_fp and all_fp are read inside the weight layers' lax.cond branches: handed over whole, with the
-    # layer's column, so that the slice is computed in the branch (an operand of a conditional is
-    # materialized: a slice taken outside would be one more kernel per layer)
-    out = {n: {"fp": fp[col[n]], "hi": hi[col[n]], "mixed": mixed[col[n]], "col": col[n],
-               "w_fp_all": w_fp, "all_fp_all": all_fp} for n in layer_names if n in state}
     k_all = jnp.minimum(idx_t, cfg.num_quantized - 1)   # the fp candidate has no scale of its own
+    row_of = {n: i for i, n in enumerate(names)}
     # one stack per table shape: [K] tables, and [S, K] step tables per S
     groups: dict[tuple, list[tuple[str, str]]] = {}
-    for n in layer_names:
+    for n in names:
         for prefix, (sk, zk) in ACT_QUANTIZERS.items():
-            if n in state and sk in state[n]:
-                t_s, t_z = state[n][sk], state[n][zk]
-                key = (jnp.shape(t_s), jnp.result_type(t_s), jnp.shape(t_z), jnp.result_type(t_z))
-                groups.setdefault(key, []).append((n, prefix))
-    for (shape, _, _, _), members in groups.items():
-        sk, zk = ACT_QUANTIZERS[members[0][1]]
-        scale = jnp.stack([state[n][ACT_QUANTIZERS[p][0]] for n, p in members])    # [G, K] or [G, S, K]
-        zero = jnp.stack([state[n][ACT_QUANTIZERS[p][1]] for n, p in members])
-        k = k_all[jnp.asarray([col[n] for n, _ in members])]                         # [G, B]
+            if sk in state[n]:
+                groups.setdefault((jnp.shape(state[n][sk]), jnp.shape(state[n][zk])), []).append((n, prefix))
+    # the groups' [G, B] results concatenated, a filler row (1, 1, 0) last; each field of each quantizer
+    # prefix is then one gather of rows in layer order (no per-layer slices before the final ones)
+    pos = {p: np.full(len(names), -1) for p in ACT_QUANTIZERS}
+    res: dict[str, list] = {"s": [], "r": [], "zp": []}
+    offset = 0
+    for (shape, _), members in groups.items():
+        scale = jnp.stack([jnp.asarray(state[n][ACT_QUANTIZERS[p][0]], f32) for n, p in members])  # [G, (S,) K]
+        zero = jnp.stack([jnp.asarray(state[n][ACT_QUANTIZERS[p][1]], f32) for n, p in members])
+        k = k_all[np.asarray([row_of[n] for n, _ in members])]                         # [G, B]
         if len(shape) == 2:
             if step is None:
                 raise ValueError(f"this quantizer has per-step activation scales [S={shape[0]}, K] (a TDQ "
@@ -255,13 +267,32 @@ def prepare_rows(state: dict, indices: jax.Array, layer_names: tuple[str, ...], 
             zero = jnp.broadcast_to(zero[:, None], (len(members), b, shape[0]))
         else:
             raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {shape}")
-        s = jnp.take_along_axis(scale, k[..., None], axis=2)[..., 0]                 # [G, B]
-        z = jnp.take_along_axis(zero, k[..., None], axis=2)[..., 0]
-        r = 1.0 / s
-        zp = round_ste(z)
+        sv = jnp.take_along_axis(scale, k[..., None], axis=2)[..., 0]                # [G, B]
+        res["s"].append(sv)
+        res["r"].append(1.0 / sv)
+        res["zp"].append(round_ste(jnp.take_along_axis(zero, k[..., None], axis=2)[..., 0]))
         for g, (n, p) in enumerate(members):
-            out[n].update({f"{p}_s": s[g], f"{p}_r": r[g], f"{p}_zp": zp[g]})
-    return out
+            pos[p][row_of[n]] = offset + g
+        offset += len(members)
+    parts = []
+    for p in ACT_QUANTIZERS:
+        rows = np.where(pos[p] < 0, offset, pos[p])
+        for key in ("s", "r", "zp"):
+            cat = jnp.concatenate(res[key] + [jnp.full((1, b), _FILLER[key], f32)])  # [sum G + 1, B]
+            parts.append(cat[rows])                                                  # [L, B]
+    parts += [hi.astype(f32), fp.astype(f32), w_fp.astype(f32), all_fp.astype(f32)[:, None],
+              mixed.astype(f32)[:, None]]
+    table = jnp.concatenate(parts, axis=1)                                         # [L, 12 B + 2]
+    return {n: table[i] for i, n in enumerate(names)}
+
+
+def unpack_row(v: jax.Array, batch: int) -> dict[str, jax.Array]:
+    """A layer's :func:`prepare_rows` vector -> ``{field: [B]}`` (booleans for ``fp``, ``w_fp``) and the
+    scalars ``all_fp``, ``mixed``: the same static slices for every layer."""
+    d = {k: v[o * batch:(o + 1) * batch] for k, o in ROW_FIELDS.items()}
+    d["fp"], d["w_fp"] = d["fp"] != 0, d["w_fp"] != 0
+    d["all_fp"], d["mixed"] = v[12 * batch] != 0, v[12 * batch + 1] != 0
+    return d
 
 
 def _rows(step, batch: int):
