@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from qlip_jax.naming import flax_to_torch_path
-from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float
-from qlip_jax.quant.state import QuantArgs
+from qlip_jax.quant.fake_quant import adaround_fake_quant, fake_quant, fake_quant_or_float, round_ste
+from qlip_jax.quant.state import QuantArgs, unpack_row
 
 Dtype = jnp.dtype
 
@@ -70,6 +70,31 @@ def _rows(scale: jax.Array, q: QuantArgs, batch: int) -> jax.Array:
     if scale.ndim != 1:
         raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {scale.shape}")
     return jnp.broadcast_to(scale, (batch,) + scale.shape)
+
+
+def _quantize_prepared(x: jax.Array, rows: dict, prefix: str, split: jax.Array | None = None) -> jax.Array:
+    """:func:`_quantize_activation` (no ``mix``) on parameters :func:`~qlip_jax.quant.state.prepare_rows`
+    computed: ``rows`` is the layer's entry, ``prefix`` its quantizer (``a`` or ``b``), ``split`` the
+    channel index of a split-concat input (channels ``[split:]`` use the ``a_skip`` quantizer).
+
+    The same operations on each element as the per-layer path, as XLA CPU compiles it (its ``x / s``
+    is ``x * (1 / s)``, ``1 / s`` taken per row), with every per-row value precomputed so that the
+    whole quantizer is one elementwise kernel."""
+    b = x.shape[0]
+    if split is None:
+        s, r, zp = (_per_row(rows[f"{prefix}_{k}"], x.ndim) for k in ("s", "r", "zp"))
+    else:
+        is_main = jnp.arange(x.shape[-1]) < split                            # [C]
+        shape = (b,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+
+        def both(k):
+            return jnp.where(is_main, rows[f"a_{k}"][:, None], rows[f"a_skip_{k}"][:, None]).reshape(shape)
+
+        s, r, zp = both("s"), both("r"), both("zp")
+    hi, fp = _per_row(rows["hi"], x.ndim), _per_row(rows["fp"], x.ndim)
+    x32 = x.astype(jnp.float32)
+    qv = jnp.clip(round_ste(x32 * r) + zp, jnp.zeros_like(hi), hi)
+    return jnp.where(fp, x32, (qv - zp) * s)
 
 
 def _quantize_activation(x: jax.Array, scale: jax.Array, zero: jax.Array, idx: jax.Array,
@@ -142,7 +167,7 @@ def quantize_weight(kernel: jax.Array, state: dict, bits: jax.Array) -> jax.Arra
 
 def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                         kernel: jax.Array, state: dict, idx: jax.Array, q: QuantArgs,
-                        dtype: Dtype, mix: jax.Array | None = None) -> jax.Array:
+                        dtype: Dtype, mix: jax.Array | None = None, rows: dict | None = None) -> jax.Array:
     """Apply ``op(x, kernel)`` with fake-quantized input and kernel.
 
     Args:
@@ -154,36 +179,64 @@ def quantized_weight_op(op: Callable[[jax.Array, jax.Array], jax.Array], x: jax.
         quantization of a concatenated input), and ``[S, K]`` step tables instead of ``[K]`` (TDQ).
       idx: ``[B]`` candidate index per row.
       mix: optional ``[B, K]`` straight-through candidate weights (see :class:`QuantArgs`).
+      rows: optional per-row parameters of this layer precomputed for ``idx``
+        (:func:`~qlip_jax.quant.state.prepare_rows`); ignored with ``mix``.
     """
     cfg = q.config
     if idx.shape != (x.shape[0],):
         raise ValueError(f"bit index must have shape [B={x.shape[0]}], got {idx.shape}")
-    xq32 = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix, _skip_quantizer(state))
+    rows = rows if mix is None else None
+    if rows is None:
+        xq32 = _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q, mix, _skip_quantizer(state))
+    else:
+        skip = _skip_quantizer(state)
+        xq32 = _quantize_prepared(x, rows, "a", None if skip is None else skip[2])
     xq = xq32.astype(dtype)
     wq = quantize_weight(kernel, state, jnp.float32(cfg.weight_bits))
     if q.int8 and mix is None and "w_code" in state:
-        return _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype)
-    return _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype)
+        return _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype, rows)
+    return _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype, rows)
 
 
-def _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype):
-    """``op`` on the fake-quantized input ``xq`` and kernel ``wq`` (float ``kernel`` on fp rows)."""
+def _float_weight_op(op, x, xq, kernel, wq, idx, q, dtype, rows=None):
+    """``op`` on the fake-quantized input ``xq`` and kernel ``wq`` (float ``kernel`` on fp rows);
+    ``rows``: the layer's prepared per-row parameters, if any (see :func:`quantized_weight_op`)."""
     cfg = q.config
     if q.quantized_only:
         return op(xq, wq.astype(dtype))
-    is_fp = idx == cfg.fp_index
-    all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
+    if rows is None:
+        is_fp = idx == cfg.fp_index
+        all_fp, any_fp = jnp.all(is_fp), jnp.any(is_fp)
+        is_mixed = jnp.logical_and(any_fp, ~all_fp)
+    else:
+        is_fp, all_fp, is_mixed = rows["w_fp"], rows["all_fp"], rows["mixed"]
 
-    def uniform():
-        # Every row uses the same weight variant; xq is already exact x on fp rows.
-        return op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
+    if rows is None:
+        def uniform():
+            # Every row uses the same weight variant; xq is already exact x on fp rows.
+            return op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
 
-    def mixed():
-        y_fp = op(x.astype(dtype), kernel.astype(dtype))
-        y_q = op(xq, wq.astype(dtype))
-        return jnp.where(_per_row(is_fp, y_q.ndim), y_fp, y_q)
+        def mixed():
+            y_fp = op(x.astype(dtype), kernel.astype(dtype))
+            y_q = op(xq, wq.astype(dtype))
+            return jnp.where(_per_row(is_fp, y_q.ndim), y_fp, y_q)
 
-    return jax.lax.cond(jnp.logical_and(any_fp, ~all_fp), mixed, uniform)
+        return jax.lax.cond(is_mixed, mixed, uniform)
+    # The same values with fewer kernels: the uniform op is computed outside the conditional (with
+    # mixed rows it is the quantized op), and the float op of the mixed rows reads xq, which is the
+    # input cast to the compute dtype on full-precision rows (x.astype(dtype) in the branch above);
+    # rows of a convolution or matmul are computed independently, so those rows are equal. ``x`` then
+    # has no other reader than the activation quantizer, which XLA can fuse with x's producer.
+    y = op(xq, jnp.where(all_fp, kernel, wq).astype(dtype))
+    return jax.lax.cond(is_mixed, lambda: jnp.where(_per_row(is_fp, y.ndim), op(xq, kernel.astype(dtype)), y),
+                        lambda: y)
+
+
+def _prepared(q: QuantArgs, name: str) -> dict | None:
+    """The layer's :attr:`QuantArgs.prepared` rows (unpacked), if the call has them and no ``mix``."""
+    if q.prepared is None or q.mix is not None:
+        return None
+    return unpack_row(q.prepared[name], q.idx[name].shape[0])
 
 
 def _integer_rows(idx: jax.Array, q: QuantArgs) -> jax.Array:
@@ -192,7 +245,7 @@ def _integer_rows(idx: jax.Array, q: QuantArgs) -> jax.Array:
     return jnp.logical_and(idx != q.config.fp_index, bits <= 8)
 
 
-def _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype):
+def _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype, rows=None):
     """The integer path on the rows :func:`_integer_rows` selects, the float path on the others (both
     computed only when the batch's rows disagree). ``xq32``: the float32 fake-quantized input."""
     use_int = _integer_rows(idx, q)
@@ -202,7 +255,7 @@ def _with_integer_rows(op, x, xq32, kernel, wq, state, idx, q, dtype):
         return integer_weight_op(op, xq32, state, idx, q).astype(dtype)
 
     def floating():
-        return _float_weight_op(op, x, xq32.astype(dtype), kernel, wq, idx, q, dtype)
+        return _float_weight_op(op, x, xq32.astype(dtype), kernel, wq, idx, q, dtype, rows)
 
     def both():
         y_i, y_f = integer(), floating()
@@ -329,7 +382,8 @@ class _WeightLayer(_Quantizable):
             y = op(x.astype(self.dtype), kernel.astype(self.dtype))
         else:
             state, idx = q.layer(self.qname)
-            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname))
+            y = quantized_weight_op(op, x, kernel, state, idx, q, self.dtype, q.layer_mix(self.qname),
+                                    _prepared(q, self.qname))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -411,6 +465,11 @@ class QMatmul(_Quantizable):
             cast = lambda x: x.astype(self.dtype)  # noqa: E731
             return cast, cast
         state, idx = q.layer(self.qname)
+        rows = _prepared(q, self.qname)
+        if rows is not None:
+            fa = lambda x: _quantize_prepared(x, rows, "a").astype(self.dtype)  # noqa: E731
+            fb = lambda x: _quantize_prepared(x, rows, "b").astype(self.dtype)  # noqa: E731
+            return fa, fb
         mix = q.layer_mix(self.qname)
         fa = lambda x: _quantize_activation(x, state["a_scale"], state["a_zero"], idx, q,  # noqa: E731
                                             mix).astype(self.dtype)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlip_jax.errors import BadArgument
-from qlip_jax.quant.fake_quant import FLOAT_BITS
+from qlip_jax.quant.fake_quant import FLOAT_BITS, int_range, round_ste
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +125,10 @@ class QuantArgs:
       int8: static: conv/linear rows whose candidate has at most 8 activation bits run a real integer
         product (int8 activations x int8 weight codes, int32 accumulation, one float rescale; see
         :func:`qlip_jax.quant.layers.integer_weight_op`) instead of the float simulation.
+      prepared: optional ``{layer_name: float32 [12 B + 2]}`` per-row quantizer parameters of every
+        layer, computed at once by :func:`prepare_rows` (``from_indices(..., prepare=True)``, or the
+        sampler for all its steps before its loop); layers then read them (:func:`unpack_row`)
+        instead of looking their rows up themselves.
     """
 
     state: dict[str, dict[str, jax.Array]]
@@ -134,15 +138,20 @@ class QuantArgs:
     step: jax.Array | None = None
     quantized_only: bool = flax.struct.field(pytree_node=False, default=False)
     int8: bool = flax.struct.field(pytree_node=False, default=False)
+    prepared: dict[str, dict[str, jax.Array]] | None = None
 
     @classmethod
     def from_indices(cls, state: dict, indices: jax.Array, layer_names: tuple[str, ...],
                      config: QuantConfig, step: jax.Array | None = None,
-                     quantized_only: bool = False, int8: bool = False) -> "QuantArgs":
+                     quantized_only: bool = False, int8: bool = False, prepare: bool = False) -> "QuantArgs":
         """Build from an index array ``[B, L]`` whose columns follow ``layer_names`` (registry order).
 
         ``step``: the sampler step (int scalar or ``[B]``), needed by step-table (TDQ) states.
         ``int8``: the integer path for candidates of at most 8 bits (see the class docstring).
+        ``prepare``: compute every layer's per-row quantizer parameters here, in a few vectorized
+        operations over all layers (:func:`prepare_rows`), instead of in each layer: the same forward
+        values with a much smaller compiled program (for inference; gradients with respect to the
+        state's step sizes are not those of the layers' own path, see :func:`prepare_rows`).
         """
         if indices.ndim != 2 or indices.shape[1] != len(layer_names):
             raise ValueError(f"bit indices must have shape [B, L={len(layer_names)}], got {indices.shape}")
@@ -151,8 +160,10 @@ class QuantArgs:
                 np.asarray(indices) == config.fp_index):
             raise ValueError("quantized_only=True but some bit index is the full-precision candidate")
         indices = jnp.asarray(indices).astype(jnp.int32)
+        step = _rows(step, indices.shape[0])
         return cls(state=state, idx={n: indices[:, l] for l, n in enumerate(layer_names)},
-                   config=config, step=_rows(step, indices.shape[0]), quantized_only=quantized_only, int8=int8)
+                   config=config, step=step, quantized_only=quantized_only, int8=int8,
+                   prepared=prepare_rows(state, indices, layer_names, config, step) if prepare else None)
 
     @classmethod
     def from_mix(cls, state: dict, mix: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
@@ -178,6 +189,115 @@ class QuantArgs:
         if name not in self.idx:
             raise KeyError(f"bit indices have no entry for layer '{name}'")
         return self.state[name], self.idx[name]
+
+
+#: Activation quantizers of a layer's state: ``prefix -> (scale key, zero-point key)``.
+ACT_QUANTIZERS = {"a": ("a_scale", "a_zero"), "a_skip": ("a_scale_skip", "a_zero_skip"), "b": ("b_scale", "b_zero")}
+
+
+#: Layout of a layer's prepared row vector (:func:`prepare_rows`): ``field -> offset in units of B``;
+#: the scalars ``all_fp`` and ``mixed`` follow at offsets ``12 B`` and ``12 B + 1``.
+ROW_FIELDS = {f"{p}_{k}": 3 * i + j for i, p in enumerate(ACT_QUANTIZERS) for j, k in enumerate(("s", "r", "zp"))}
+ROW_FIELDS.update(hi=9, fp=10, w_fp=11)
+_FILLER = {"s": 1.0, "r": 1.0, "zp": 0.0}
+
+
+def prepare_rows(state: dict, indices: jax.Array, layer_names: tuple[str, ...], config: QuantConfig,
+                 step: jax.Array | None) -> dict[str, jax.Array]:
+    """Every layer's per-row quantizer parameters, for bit indices ``indices [B, L]``, at once.
+
+    What each layer's own path (:func:`qlip_jax.quant.layers._quantize_activation`) computes per
+    layer from its ``[K]`` / ``[S, K]`` tables and its ``idx [B]`` (gathers, ``2 ** bits``, the
+    reciprocal of the step, the full-precision tests), here as a handful of ``[L, B]`` operations
+    over all layers. Returns ``{layer_name: v}``, ``v`` a float32 vector ``[12 B + 2]`` (read with
+    :func:`unpack_row`) holding, per row (``[B]`` each):
+
+    * per activation quantizer ``p`` (``a``, ``a_skip``, ``b``: :data:`ACT_QUANTIZERS`; 1, 1, 0 where
+      the layer has none): ``p_s`` the step, ``p_r = 1 / p_s``, ``p_zp`` the zero point rounded (STE);
+    * ``hi``: upper clip bound ``2 ** bits - 1`` (8 bits where ``fp``, to keep it finite);
+    * ``fp``: the activation passes unquantized (the full-precision candidate, or a 32-bit width);
+    * ``w_fp``: the row uses the float kernel (full-precision candidate);
+
+    and the scalars ``all_fp`` (every row uses the float kernel) and ``mixed`` (some but not all do).
+
+    The quantizer then computes ``(clip(round(x * r) + zp, 0, hi) - zp) * s``: XLA CPU evaluates the
+    layers' ``x / s`` (a division by a broadcast step) as ``x * (1 / s)`` too, so the values are the
+    same bit for bit (tests/test_prepared.py). Gradients with respect to ``s`` are mathematically,
+    not bitwise, those of ``x / s``: use the layers' own path (the default) to train step sizes.
+
+    One vector per layer so that, handed to the layers as separate buffers (the sampler carries them
+    through its step loop), each layer's kernels read their parameters at the same offsets: XLA CPU
+    compiles structurally identical kernels once, so layers of the same shapes then share kernels.
+    """
+    b = indices.shape[0]
+    cfg = config
+    f32 = jnp.float32
+    names = [n for n in layer_names if n in state]
+    if not names:
+        return {}
+    col = {n: l for l, n in enumerate(layer_names)}
+    idx_t = indices.T[np.asarray([col[n] for n in names])]                     # [L, B]
+    bits = jnp.asarray(cfg.act_bits_table())[idx_t]                          # [L, B]
+    w_fp = idx_t == cfg.fp_index
+    fp = jnp.logical_or(w_fp, bits >= FLOAT_BITS)
+    _, hi = int_range(jnp.where(fp, 8.0, bits), signed=False)
+    any_fp, all_fp = jnp.any(w_fp, axis=1), jnp.all(w_fp, axis=1)            # [L]
+    mixed = jnp.logical_and(any_fp, ~all_fp)
+    k_all = jnp.minimum(idx_t, cfg.num_quantized - 1)   # the fp candidate has no scale of its own
+    row_of = {n: i for i, n in enumerate(names)}
+    # one stack per table shape: [K] tables, and [S, K] step tables per S
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for n in names:
+        for prefix, (sk, zk) in ACT_QUANTIZERS.items():
+            if sk in state[n]:
+                groups.setdefault((jnp.shape(state[n][sk]), jnp.shape(state[n][zk])), []).append((n, prefix))
+    # the groups' [G, B] results concatenated, a filler row (1, 1, 0) last; each field of each quantizer
+    # prefix is then one gather of rows in layer order (no per-layer slices before the final ones)
+    pos = {p: np.full(len(names), -1) for p in ACT_QUANTIZERS}
+    res: dict[str, list] = {"s": [], "r": [], "zp": []}
+    offset = 0
+    for (shape, _), members in groups.items():
+        scale = jnp.stack([jnp.asarray(state[n][ACT_QUANTIZERS[p][0]], f32) for n, p in members])  # [G, (S,) K]
+        zero = jnp.stack([jnp.asarray(state[n][ACT_QUANTIZERS[p][1]], f32) for n, p in members])
+        k = k_all[np.asarray([row_of[n] for n, _ in members])]                         # [G, B]
+        if len(shape) == 2:
+            if step is None:
+                raise ValueError(f"this quantizer has per-step activation scales [S={shape[0]}, K] (a TDQ "
+                                 "state); the call needs the sampler step index: "
+                                 "QuantArgs.from_indices(..., step=i)")
+            row = jnp.clip(step, 0, shape[0] - 1)                                   # [B]
+            scale, zero = scale[:, row], zero[:, row]                                 # [G, B, K]
+        elif len(shape) == 1:
+            scale = jnp.broadcast_to(scale[:, None], (len(members), b, shape[0]))
+            zero = jnp.broadcast_to(zero[:, None], (len(members), b, shape[0]))
+        else:
+            raise ValueError(f"activation quantizer parameters must be [K] or [S, K], got shape {shape}")
+        sv = jnp.take_along_axis(scale, k[..., None], axis=2)[..., 0]                # [G, B]
+        res["s"].append(sv)
+        res["r"].append(1.0 / sv)
+        res["zp"].append(round_ste(jnp.take_along_axis(zero, k[..., None], axis=2)[..., 0]))
+        for g, (n, p) in enumerate(members):
+            pos[p][row_of[n]] = offset + g
+        offset += len(members)
+    parts = []
+    for p in ACT_QUANTIZERS:
+        rows = np.where(pos[p] < 0, offset, pos[p])
+        for key in ("s", "r", "zp"):
+            cat = jnp.concatenate(res[key] + [jnp.full((1, b), _FILLER[key], f32)])  # [sum G + 1, B]
+            parts.append(cat[rows])                                                  # [L, B]
+    parts += [hi.astype(f32), fp.astype(f32), w_fp.astype(f32), all_fp.astype(f32)[:, None],
+              mixed.astype(f32)[:, None]]
+    table = jnp.concatenate(parts, axis=1)                                         # [L, 12 B + 2]
+    return {n: table[i] for i, n in enumerate(names)}
+
+
+def unpack_row(v: jax.Array, batch: int) -> dict[str, jax.Array]:
+    """A layer's :func:`prepare_rows` vector -> ``{field: [B]}`` (booleans for ``fp``, ``w_fp``) and the
+    scalars ``all_fp``, ``mixed``: the same static slices for every layer."""
+    d = {k: v[o * batch:(o + 1) * batch] for k, o in ROW_FIELDS.items()}
+    d["fp"], d["w_fp"] = d["fp"] != 0, d["w_fp"] != 0
+    d["all_fp"], d["mixed"] = v[12 * batch] != 0, v[12 * batch + 1] != 0
+    return d
 
 
 def _rows(step, batch: int):

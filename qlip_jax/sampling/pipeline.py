@@ -54,7 +54,7 @@ from qlip_jax.models.unet import UNet2DConditionModel, default_attention_chunk
 from qlip_jax.models.vae import AutoencoderKL, unscale_latents
 from qlip_jax.sampling import correction
 from qlip_jax.quant.codes import add_weight_codes, has_codes
-from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices
+from qlip_jax.quant.state import QuantArgs, QuantSetup, check_indices, prepare_rows
 from qlip_jax.sampling import schedulers
 from qlip_jax.sampling.guidance import guided_output
 
@@ -119,6 +119,12 @@ class Text2Image:
         int8 x int8 products with int32 accumulation (``QuantArgs.int8``); same images up to float
         rounding of the rescale. Off by default (not measured faster on CPU).
     """
+
+    #: Quantized sampling computes every layer's per-row quantizer parameters for every step before its
+    #: loop (``quant.state.prepare_rows``) and hands them to the layers: the same images, a program
+    #: XLA compiles much faster; False (set before the first call) makes each layer look its rows up
+    #: itself at each step.
+    prepare_rows: bool = True
 
     def __init__(self, sd: StableDiffusion, scheduler: str = "ddim", steps: int = 25,
                  height: int | None = None, width: int | None = None, quant: QuantSetup | None = None,
@@ -336,13 +342,15 @@ class Text2Image:
         latents = latents * sched.init_noise_sigma
         names = None if self.quant is None else self.quant.registry.names
 
-        def body(carry, i):
+        def body(carry, step):
             x, state = carry
+            i, rows = step
             q = None
             if schedule is not None:
                 idx = schedule[:, i]                                 # [B, L]
                 q = QuantArgs.from_indices(params["quant"], jnp.concatenate([idx, idx]), names,
                                            self.quant.config, step=i, int8=self.int8)
+                q = dataclasses.replace(q, prepared=rows)
             # (DDIM, PNDM and DPM-Solver++ need no model-input scaling)
             g = guidance[i]
             eps = guided_output(self.unet, params["unet"], x, sched.timesteps[i], cond, uncond, g, q,
@@ -355,8 +363,18 @@ class Text2Image:
             x_next, state = schedulers.step(sched, state, i, eps, x, noise, sigma=sigma)
             return (x_next, state), (x if keep_trajectory else None)
 
+        rows = None
+        if schedule is not None and self.prepare_rows:
+            # every step's per-layer quantizer rows before the loop, one [T, ...] array per layer, read
+            # at step i as scan inputs: a layer's kernels then do not depend on the layer's position,
+            # and XLA compiles those of equal shapes once (see prepare_rows)
+            idx = jnp.swapaxes(schedule, 0, 1)                                  # [T, B, L]
+            steps = jnp.broadcast_to(jnp.arange(self.num_steps, dtype=jnp.int32)[:, None],
+                                     (self.num_steps, 2 * idx.shape[1]))
+            rows = jax.vmap(lambda ix, st: prepare_rows(params["quant"], jnp.concatenate([ix, ix]), names,
+                                                        self.quant.config, st))(idx, steps)
         state = schedulers.init_state(sched, latents)
-        (latents, _), traj = jax.lax.scan(body, (latents, state), jnp.arange(self.num_steps))
+        (latents, _), traj = jax.lax.scan(body, (latents, state), (jnp.arange(self.num_steps), rows))
         z = unscale_latents(self.sd.configs.vae, latents)
         decode = lambda zz: to_uint8(self.vae.apply({"params": params["vae"]}, zz, method=self.vae.decode))  # noqa: E731
         if self.decode_one_by_one:   # [B, ...] -> [B, 1, ...]: one image's VAE activations alive at a time
