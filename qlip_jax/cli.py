@@ -215,18 +215,11 @@ def _sample_prompts(args) -> list[str]:
 def cmd_sample(args) -> int:
     from qlip_jax.atomic import claim_output, release_claim
 
-    import jax
-
     from qlip_jax import distributed
 
     distributed.initialize()  # several processes (JAX_NUM_PROCESSES / QLIP_DISTRIBUTED): join them first
     kind, value, prompts = check_sample_args(args)
-    mesh = None
-    if args.mesh or jax.process_count() > 1:
-        if args.batch_invariant:
-            raise BadArgument("--batch-invariant samples one prompt at a time and cannot split a batch over --mesh",
-                              "leave out one of them")
-        mesh = distributed.mesh_from_arg(args.mesh)
+    mesh = distributed.mesh_from_arg(args.mesh, args.batch_invariant)
     claimed = distributed.is_main() and claim_output(args.out, args.overwrite)  # process 0 writes
     try:
         return _sample(args, kind, value, prompts, mesh)

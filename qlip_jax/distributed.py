@@ -54,23 +54,12 @@ def initialize() -> bool:
         if missing:
             raise BadArgument(f"JAX_NUM_PROCESSES={n} but {' and '.join(missing)} is not set",
                               "set JAX_COORDINATOR_ADDRESS=host:port and JAX_PROCESS_ID (0 .. N-1) in every process")
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # configures the CPU backend only
     if auto:
         jax.distributed.initialize()
     else:
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(n), int(os.environ["JAX_PROCESS_ID"]))
     return True
-
-
-def _has_accelerator_plugin() -> bool:
-    """Whether a GPU/TPU backend may be present (then JAX picks its own collectives)."""
-    try:
-        import importlib.util
-        return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                                      "libtpu"))
-    except (ImportError, ValueError):
-        return False
 
 
 def parse_mesh(text: str | None, devices: int) -> dict[str, int]:
@@ -131,8 +120,15 @@ def make_mesh(sizes: dict[str, int]) -> Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
-def mesh_from_arg(text: str | None) -> Mesh:
-    """:func:`parse_mesh` on every device of the run, then :func:`make_mesh`."""
+def mesh_from_arg(text: str | None, batch_invariant: bool = False) -> Mesh | None:
+    """A program's mesh from ``--mesh``: :func:`parse_mesh` on every device of the run, then
+    :func:`make_mesh`; None (no mesh) when ``--mesh`` is absent and this is the only process.
+    ``batch_invariant``: the program's ``--batch-invariant``, which cannot be combined with a mesh."""
+    if not text and jax.process_count() == 1:
+        return None
+    if batch_invariant:
+        raise BadArgument("--batch-invariant samples one prompt at a time and cannot split a batch over --mesh",
+                          "leave out one of them")
     return make_mesh(parse_mesh(text, jax.device_count()))
 
 

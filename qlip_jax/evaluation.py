@@ -723,12 +723,7 @@ def run_evaluation(args, quant_dirs, selector_dirs, tag: str = "eval") -> tuple[
 
     distributed.initialize()  # several processes: each samples its share of every batch, process 0 writes
     check_out_dir(args.out, args.overwrite)
-    mesh = None
-    if args.mesh or jax.process_count() > 1:
-        if args.batch_invariant:
-            raise BadArgument("--batch-invariant samples one prompt at a time and cannot split a batch over --mesh",
-                              "leave out one of them")
-        mesh = distributed.mesh_from_arg(args.mesh)
+    mesh = distributed.mesh_from_arg(args.mesh, args.batch_invariant)
     if args.model is not None and args.prompts is None:
         print("[eval] note: no --prompts: evaluating --model on the procedural scene prompts", file=sys.stderr)
     source = source_from_args(args)

@@ -35,7 +35,6 @@ import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     distributed.initialize()  # several processes: trajectories split over them, every process saves its part
     compile_cache.from_args(args)
-    mesh = distributed.mesh_from_arg(args.mesh) if args.mesh or jax.process_count() > 1 else None
+    mesh = distributed.mesh_from_arg(args.mesh)
     if args.init is not None and (args.method not in ("qdiff", "ptqd") or args.init == args.method):
         raise BadArgument(f"--init {args.init} does not apply to --method {args.method}",
                           "qdiff starts from minmax/percentile/mse/tdq, ptqd from any of those or qdiff")

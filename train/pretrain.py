@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         p.error("--object-weight-captions chooses which samples --object-weight weights; "
                 "give --object-weight > 0 with it")
 
-    mesh = distributed.mesh_from_arg(args.mesh) if args.mesh or jax.process_count() > 1 else None
+    mesh = distributed.mesh_from_arg(args.mesh)
     distributed.check_rows(args.batch, mesh, "--batch")
     if args.vae_steps > 0:
         distributed.check_rows(args.vae_batch, mesh, "--vae-batch")
