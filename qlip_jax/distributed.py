@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy  # noqa: F401  (put_rows)
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -186,13 +187,58 @@ def put(tree, shardings):
     return jax.device_put(tree, shardings)
 
 
+def put_params(tree, mesh: Mesh):
+    """A parameter tree (host or local arrays) placed by :func:`param_shardings`: split on ``fsdp``."""
+    return put(tree, param_shardings(tree, mesh))
+
+
+def put_rows(arrays: list, mesh: Mesh) -> list:
+    """Batch arrays ``[B, ...]`` (or None) split over the mesh's batch shards, each padded to a multiple
+    of them by repeating its last row (callers drop the padded rows of the results: ``[:B]``)."""
+    shard = NamedSharding(mesh, batch_spec(mesh))
+    pad = -arrays[0].shape[0] % batch_shards(mesh)
+
+    def padded(a):
+        return a if pad == 0 else jax.numpy.concatenate([a, jax.numpy.repeat(a[-1:], pad, axis=0)], axis=0)
+
+    return [None if a is None else put(padded(a), shard) for a in arrays]
+
+
 def gather(x) -> np.ndarray:
     """A global array -> host NumPy on every process (``process_allgather`` when it spans other processes)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:  # every device holds the whole value
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def agree(flag: bool) -> bool:
+    """True if ``flag`` is true on every process (one process: ``flag``); e.g. whether every process found a
+    cache, so that all skip, or all run, the collective work behind it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)])))))
+
+
+def gather_turns(local: np.ndarray, total: int) -> np.ndarray:
+    """Host results ``local [k, ...]`` of the items this process took when ``total`` items were dealt round
+    robin (items ``process_index, process_index + processes, ...``) -> ``[total, ...]`` on every process,
+    in item order (``process_allgather`` of host arrays; one process: ``local``)."""
+    count = jax.process_count()
+    if count == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    per = -(-total // count)
+    padded = np.zeros((per, *local.shape[1:]), local.dtype)
+    padded[:len(local)] = local
+    every = np.asarray(multihost_utils.process_allgather(padded))      # [processes, per, ...]
+    return np.swapaxes(every, 0, 1).reshape((per * count, *local.shape[1:]))[:total]
 
 
 def barrier(name: str) -> None:

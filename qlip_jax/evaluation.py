@@ -209,36 +209,61 @@ def parser_digest(parser: SceneParser) -> str:
 
 def cached_stats(cache_dir: str | None, name: str, tag: str, dim: int, features) -> FeatureStats:
     """Stats cached at ``<cache_dir>/<name>.npz`` if its tag is ``tag``, else ``features()`` fitted
-    and saved there (``cache_dir`` None: never cached)."""
+    and saved there (``cache_dir`` None: never cached). Several processes use the cache only if every one
+    finds it (``features()`` may be collective), and process 0 writes it."""
     path = None if cache_dir is None else os.path.join(cache_dir, name + ".npz")
+    stats = None
     if path is not None:
         try:
-            return load_stats(path, tag, dim)
+            stats = load_stats(path, tag, dim)
         except (FileNotFoundError, StatsMismatchError):
             pass
+    if distributed.agree(stats is not None):
+        return stats
     stats = FeatureStats.from_features(features())
-    if path is not None:
+    if path is not None and distributed.is_main():
         save_stats(path, stats, tag)
     return stats
 
 
 def inception_batches(params, images: np.ndarray, batch: int = 16, bar=None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`~qlip_jax.metrics.inception.inception_features` in chunks of ``batch`` (the last one
-    zero-padded, so one compilation serves every call), updating ``bar`` per image."""
-    from qlip_jax.metrics.inception import inception_features
+    """``(pool [N, 2048], spatial [N, 2023])``: :func:`~qlip_jax.metrics.inception.inception_features`
+    of ``images [N, H, W, 3]`` in chunks of ``batch`` (:func:`inception_chunks`)."""
+    return inception_chunks(params, (images[i:i + batch] for i in range(0, len(images), batch)), batch, bar)
 
-    pools, spatials = [], []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        m = len(chunk)
-        if m < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - m, *chunk.shape[1:]), np.uint8)])
+
+def inception_chunks(params, chunks, batch: int = 16, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Inception features of an iterable of image chunks (``uint8 [<= batch, H, W, 3]`` each), in order.
+
+    Each chunk is zero-padded to ``batch`` (one compilation serves every call). With several processes
+    the chunks are dealt round robin (every process iterates them all and runs Inception on its own) and
+    the features gathered on every process (:func:`qlip_jax.distributed.gather_turns`), so each image's
+    features come from the same chunk as in one process and the FID statistics are those of all
+    the images, bit for bit. ``bar`` advances by this process's images.
+    """
+    from qlip_jax.metrics.inception import POOL_DIM, SPATIAL_DIM, inception_features
+
+    me, count = jax.process_index(), jax.process_count()
+    pools, spatials, sizes = [], [], []
+    for j, chunk in enumerate(chunks):
+        sizes.append(len(chunk))
+        if j % count != me:
+            continue
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), np.uint8)])
         pool, spatial = inception_features(params, chunk, batch)
-        pools.append(pool[:m])
-        spatials.append(spatial[:m])
+        pools.append(pool)
+        spatials.append(spatial)
         if bar is not None:
-            bar.update(m)
-    return np.concatenate(pools), np.concatenate(spatials)
+            bar.update(sizes[-1])
+    if not sizes:
+        return np.zeros((0, POOL_DIM), np.float32), np.zeros((0, SPATIAL_DIM), np.float32)
+    out = []
+    for local, dim in ((pools, POOL_DIM), (spatials, SPATIAL_DIM)):
+        local = np.stack(local) if local else np.zeros((0, batch, dim), np.float32)
+        every = distributed.gather_turns(local, len(sizes))                    # [chunks, batch, D]
+        out.append(np.concatenate([c[:m] for c, m in zip(every, sizes)]))
+    return out[0], out[1]
 
 
 def reference_stats(parser: SceneParser, inception, ref_n: int, cache_dir: str | None,
@@ -300,9 +325,8 @@ def file_reference_stats(source, inception, ref_n: int, cache_dir: str | None, p
     def feats():
         if "inc" not in memo:
             with tqdm(desc="reference Inception features", unit="img", disable=not progress) as bar:
-                parts = [inception_batches(inception, b, batch, bar)
-                         for b in source.reference_batches(299, batch, limit=ref_n)]
-            memo["inc"] = tuple(np.concatenate(x) for x in zip(*parts))
+                memo["inc"] = inception_chunks(inception, source.reference_batches(299, batch, limit=ref_n),
+                                               batch, bar)
         return memo["inc"]
 
     key = model_fingerprint(types.SimpleNamespace(to_dict=lambda: {"ref_n": ref_n}), {"ref": np.frombuffer(

@@ -7,7 +7,8 @@ one compiled step needs, so the same code answers for the embedded model and for
 * :func:`split_rows` / :func:`accumulate_value_and_grad`: a batch ``[B, ...]`` as ``n`` micro-batches
   ``[n, B / n, ...]`` under ``lax.scan``; gradients are summed in float32 and divided by ``n``, so for a
   loss that is a mean over equally sized row groups the result is the full-batch gradient (to float
-  rounding) while only one micro-batch's activations are alive at a time.
+  rounding) while only one micro-batch's activations are alive at a time. :func:`rows_value_and_grad`: the
+  same for the gradient with respect to a per-row input (no sum across rows).
 * :func:`peak_bytes`: the peak of a compiled program from ``compiled.memory_analysis()``
   (arguments + outputs + temporaries - donated/aliased), the figure ``--memory-budget`` compares.
 * :func:`choose_micro_batch`: the largest divisor of the batch whose compiled step fits a budget.
@@ -71,6 +72,22 @@ def accumulate_value_and_grad(fn: Callable, params, rows, n: int, has_aux: bool 
     mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=0), t)  # noqa: E731
     g = jax.tree.map(lambda a, p: (a / n).astype(jnp.result_type(p)), g, params)
     return mean(outs), g
+
+
+def rows_value_and_grad(fn: Callable, x, rows, n: int, has_aux: bool = False):
+    """``value_and_grad(fn)(x, rows)`` with respect to a per-row input ``x [B, ...]``, over ``n`` equal
+    micro-batches of ``(x, rows)``.
+
+    ``fn(x, rows)`` is a mean over the rows (each row reading only its own ``x``); the returned value and
+    aux are the means over the micro-batches and the gradient ``[B, ...]`` is the full-batch mean's (each
+    micro-batch's gradient scaled by ``1 / n``). No sum across rows happens here. ``n = 1`` is the plain call.
+    """
+    vg = jax.value_and_grad(fn, has_aux=has_aux)
+    if n == 1:
+        return vg(x, rows)
+    outs, g = jax.lax.map(lambda chunk: vg(*chunk), (split_rows(x, n), split_rows(rows, n)))
+    g = jax.tree.map(lambda a: (a / n).reshape((-1,) + a.shape[2:]), g)
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), outs), g
 
 
 def peak_bytes(compiled) -> int:

@@ -53,8 +53,7 @@ def q2b_problem(setup):
     q2b = Q2B(cfg)
     params = q2b.init(jax.random.key(0), jnp.zeros((1,)), cfg.num_steps)["params"]
     probs_fn = lambda p, q: q2b.apply({"params": p}, q, cfg.num_steps)       # noqa: E731
-    penalty_fn = lambda probs: bit_penalty(probs, 1.0, 6 / 8) / (cfg.num_steps * cfg.num_layers)  # noqa: E731
-    loss = make_q2b_loss(qpipe.unet, quant, probs_fn, ste_onehot, penalty_fn, cfg.low, cfg.med, cfg.high)
+    loss = q2b_loss(setup, probs_fn)
     tx = optax.adam(0.2)
     frozen = lambda lam: q2b_frozen(qpipe.sd.params["unet"], quant, lam)     # noqa: E731
     return params, probs_fn, make_q2b_step(loss, tx), tx, frozen
@@ -78,15 +77,31 @@ def _train(setup, q2b_problem, lam, iters):
 
 
 def test_q2b_gradients_reach_every_parameter(setup, q2b_problem):
-    """Adam's first update is ``-lr * g / (|g| + eps)`` elementwise: every parameter array moves (and stays
-    finite) iff its gradient is finite and not all zero."""
+    """The step takes the gradient in two parts (each row's with respect to its own probabilities, then
+    pulled back through ``probs_fn``): Adam's first moment after one step, ``0.1 g``, is ``jax.grad`` of the
+    whole loss within float rounding, and that gradient is finite and not all zero for every parameter
+    array (so Adam's first update, ``-lr * g / (|g| + eps)``, moves each)."""
+    batch = setup[3]
     params, _, step, tx, frozen = q2b_problem
-    updated, _, metrics = step(params, tx.init(params), frozen(0.5), setup[3])
+    updated, opt, metrics = step(params, tx.init(params), frozen(0.5), batch)
     assert np.isfinite(float(metrics["loss"]))
+    loss = q2b_loss(setup, q2b_problem[1])
+    (whole, _), grad = jax.jit(jax.value_and_grad(lambda p: loss(p, frozen(0.5), batch), has_aux=True))(params)
+    assert abs(float(metrics["loss"]) - float(whole)) <= 1e-6 * abs(float(whole))
     for name in params:
+        g = np.asarray(grad[name], np.float64)
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+        np.testing.assert_allclose(np.asarray(opt[0].mu[name], np.float64) / 0.1, g, rtol=0,
+                                   atol=1e-5 * np.abs(g).max(), err_msg=name)
         moved = np.asarray(updated[name]) - np.asarray(params[name])
-        assert np.isfinite(moved).all(), name
-        assert np.abs(moved).max() > 0, name
+        assert np.isfinite(moved).all() and np.abs(moved).max() > 0, name
+
+
+def q2b_loss(setup, probs_fn):
+    """The :class:`~qlip_jax.selector.training.Q2BLoss` of the shared step."""
+    qpipe, quant, cfg, _ = setup
+    penalty_fn = lambda probs: bit_penalty(probs, 1.0, 6 / 8) / (cfg.num_steps * cfg.num_layers)  # noqa: E731
+    return make_q2b_loss(qpipe.unet, quant, probs_fn, ste_onehot, penalty_fn, cfg.low, cfg.med, cfg.high)
 
 
 def test_q2b_training_lowers_loss_and_lambda_lowers_bits(setup, q2b_problem):
@@ -226,3 +241,4 @@ def test_q2b_loss_sees_the_ptqd_corrected_output(setup):
     np.testing.assert_allclose(float(plain["mse"]), np.mean((eps_fp - eps_q) ** 2), rtol=1e-5)
     np.testing.assert_allclose(float(corrected["mse"]), np.mean((eps_fp - expected) ** 2), rtol=1e-5)
     assert abs(float(corrected["mse"]) - float(plain["mse"])) > 1e-3 * float(plain["mse"])
+

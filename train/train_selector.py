@@ -18,8 +18,11 @@
 3. Q2B, everything else frozen: each iteration takes ``--batch`` training prompts, samples their
    trajectories under the current hard schedule (``x^_t``), picks ``--rows-per-prompt`` steps of each and
    minimises the paper's loss (:mod:`qlip_jax.selector.training`). orbax checkpoints every
-   ``--ckpt-every`` iterations; a rerun resumes. With ``--devices N`` (or several accelerators) the rows are
-   sharded over a ``data`` mesh axis and the selector is replicated.
+   ``--ckpt-every`` iterations; a rerun resumes. The rows are split over the devices of every process
+   (``--mesh data=N,fsdp=M``, :mod:`qlip_jax.distributed`; default all devices on ``data``), the UNet's
+   params over ``fsdp``; the selector is replicated. Several processes (``JAX_NUM_PROCESSES`` ...) sample
+   the labelling and Q2B trajectories together; process 0 writes the caches, checkpoints' metadata and
+   the export, and ``--work`` must be a folder every process sees.
 4. Export to ``--out``: ``selector.json`` (configs, candidate bits, metrics, command, and the model
    fingerprint, data source, quality target and sampler it was trained with), ``t2q.safetensors``,
    ``q2b.safetensors``, and the quantizer state it was trained on (``quant/``). A selector is refused on
@@ -32,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -40,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from qlip_jax import compile_cache
+from qlip_jax import compile_cache, distributed
 from qlip_jax.assets import ASSETS, default_model_dir
 from qlip_jax.atomic import atomic_write, check_writable_dir
 from qlip_jax.data.sources import FileSource, add_source_arguments, source_from_args
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "would; a later run with the same arguments resumes")
     p.add_argument("--size", type=int, default=None,
                    help="image height = width (default: the model's native size)")
-    p.add_argument("--devices", type=int, default=None, help="mesh size (default: all devices)")
+    distributed.add_mesh_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--label-batch", type=int, default=32, help="prompts per labelling trajectory batch")
@@ -126,10 +128,12 @@ def pooled_embedding(pipe, texts: list[str], pooling: str, batch: int = 128) -> 
 def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bounds=None, desc=None,
                             batch=32):
     """Float images, trajectories ``[N, T, h, w, c]`` and quality labels of ``records`` (cached)."""
-    if os.path.isfile(path) and os.path.isfile(path + ".traj.npy"):
+    cached = os.path.isfile(path) and os.path.isfile(path + ".traj.npy")
+    distributed.barrier("labels-checked")  # no process writes before every process has looked
+    if cached:
         return QualityTargets.load(path), np.load(path + ".traj.npy")
     images, trajs = [], []
-    for i in tqdm(range(0, len(records), batch), desc=desc, disable=desc is None):
+    for i in tqdm(range(0, len(records), batch), desc=desc, disable=desc is None or not distributed.is_main()):
         chunk = records[i:i + batch]
         img, traj = pipe.trajectory(pipe.encode([r.text for r in chunk]), np.arange(i, i + len(chunk)), guidance)
         images.append(img)
@@ -137,9 +141,11 @@ def label_with_trajectories(pipe, records, guidance, quality_fn, kind, path, bou
     images, trajs = np.concatenate(images), np.concatenate(trajs).astype(np.float32)
     targets = QualityTargets.from_scores(kind, records, np.arange(len(records)), quality_fn(images, records),
                                          bounds, {"guidance": guidance, "steps": pipe.num_steps})
-    targets.save(path)
-    with atomic_write(path + ".traj.npy") as tmp:
-        np.save(tmp, trajs)
+    if distributed.is_main():  # every process has the same gathered trajectories and labels
+        targets.save(path)
+        with atomic_write(path + ".traj.npy") as tmp:
+            np.save(tmp, trajs)
+    distributed.barrier("labels-written")
     return targets, trajs
 
 
@@ -216,6 +222,7 @@ def q2b_run_name(args, quant, method: str | None, labels: str = "") -> str:
 @program
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.initialize()  # several processes: they sample the trajectories together, process 0 writes
     check_sampling_args(args, max(args.train_prompts, 1))
     for name in ("real", "train_prompts", "heldout", "t2q_hidden", "t2q_steps", "group_size", "q2b_steps", "batch",
                  "rows_per_prompt", "ckpt_every"):
@@ -229,6 +236,9 @@ def main(argv=None) -> int:
     if args.model is not None and args.prompts is None:
         raise BadArgument("--model needs --prompts FILE (training captions for that model)",
                           "pass --prompts FILE (and --reference DIR for the GIQA target)")
+    mesh = distributed.mesh_from_arg(args.mesh)  # None: one process, no --mesh (the pipelines as they are)
+    q2b_mesh = mesh or distributed.make_mesh(distributed.parse_mesh(None, jax.device_count()))
+    distributed.check_rows(args.batch * args.rows_per_prompt, q2b_mesh, "--batch x --rows-per-prompt (Q2B rows)")
     source = source_from_args(args)
     _check_quality(args, source)
     check_writable_dir(args.work, "--work")
@@ -248,9 +258,9 @@ def main(argv=None) -> int:
                             "calibrate one with three --act-bits or pass --bits LOW MED HIGH")
     low, med, high = (cfg.index_of(b) for b in bits)
     fp_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, dtype=dtype,
-                         attention_chunk=args.attention_chunk)
+                         attention_chunk=args.attention_chunk, mesh=mesh)
     q_pipe = Text2Image(sd, args.scheduler, args.steps, args.size, args.size, quant=quant, dtype=dtype,
-                        attention_chunk=args.attention_chunk, int8=args.int8)
+                        attention_chunk=args.attention_chunk, int8=args.int8, mesh=mesh)
     T, L = q_pipe.num_steps, len(quant.registry)
     settings = settings_from_args(args, size=args.size, steps=args.steps, act_bits=cfg.act_bits,
                                   weight_bits=cfg.weight_bits, label_batch=args.label_batch, q2b_batch=args.batch,
@@ -306,24 +316,24 @@ def main(argv=None) -> int:
     remat = default_remat(sd.configs.unet) if args.remat is None else args.remat
     loss_fn = make_q2b_loss(q_pipe.unet.clone(remat=remat), quant, probs_fn, ste_onehot, penalty_fn, low, med, high)
     tx = optax.adam(args.q2b_lr)
-    state = {"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}
+    repl = distributed.replicated(q2b_mesh)  # the selector and its Adam state on every device
+    state = distributed.put({"params": q2b_params, "opt": tx.init(q2b_params), "step": jnp.int32(0)}, repl)
     ckpt = Checkpointer(os.path.join(args.work, q2b_run_name(args, quant, quant_info.get("method"), tag)))
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"[selector] Q2B resumed at iteration {int(state['step'])}", file=sys.stderr)
-    step_fn = make_q2b_step(loss_fn, tx, q2b_micro)
-    n_dev = args.devices or jax.device_count()
-    mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("data",))
-    rows_sharding, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    step_fn = make_q2b_step(loss_fn, tx, q2b_micro, q2b_mesh)
+    rows_sharding = NamedSharding(q2b_mesh, distributed.batch_spec(q2b_mesh))
     timesteps = np.asarray(q_pipe.sched.timesteps)
-    emb_all = None
     start = int(state["step"])
     end = args.q2b_steps if args.stop_at is None else min(args.q2b_steps, args.stop_at)
     bar = tqdm(range(start, end), desc="Q2B", initial=start, total=args.q2b_steps,
-               disable=args.quiet)
+               disable=args.quiet or not distributed.is_main())
     metrics = {}
-    params, opt = jax.device_put(state["params"], repl), jax.device_put(state["opt"], repl)
-    frozen = jax.device_put(q2b_frozen(sd.params["unet"], quant, args.lambda_bit), repl)
+    params, opt = state["params"], state["opt"]
+    frozen = q2b_frozen(sd.params["unet"], quant, args.lambda_bit)
+    unet = frozen.pop("unet")  # split on fsdp (if the mesh has it), the rest replicated
+    frozen = {**distributed.put(frozen, repl), "unet": distributed.put(unet, distributed.param_shardings(unet, q2b_mesh))}
     for it in bar:
         rng = np.random.default_rng([args.seed, it, 0x5E1])
         ids = rng.choice(len(train_recs), args.batch, replace=False)
@@ -343,16 +353,18 @@ def main(argv=None) -> int:
                  "cond": np.asarray(emb.cond)[b_idx], "uncond": np.broadcast_to(
                      np.asarray(emb.uncond), (len(b_idx),) + emb.uncond.shape[1:]),
                  "guidance": np.full(len(b_idx), args.guidance, np.float32)}
-        batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, rows_sharding)
+        batch = distributed.put({k: np.asarray(v) for k, v in batch.items()}, rows_sharding)
         params, opt, metrics = step_fn(params, opt, frozen, batch)
         if (it + 1) % 10 == 0:
-            bar.set_postfix(mse=f"{float(metrics['mse']):.4f}", pen=f"{float(metrics['penalty']):.3f}")
+            bar.set_postfix(mse=f"{float(distributed.gather(metrics['mse'])):.4f}",
+                            pen=f"{float(distributed.gather(metrics['penalty'])):.3f}")
         if (it + 1) % args.ckpt_every == 0 or it + 1 in (args.q2b_steps, end):
             ckpt.save(it + 1, {"params": params, "opt": opt, "step": jnp.int32(it + 1)}, {"stage": "q2b"})
 
     if end < args.q2b_steps:
-        print(f"[selector] stopped at Q2B iteration {end} of {args.q2b_steps}; run again to resume",
-              file=sys.stderr)
+        if distributed.is_main():
+            print(f"[selector] stopped at Q2B iteration {end} of {args.q2b_steps}; run again to resume",
+                  file=sys.stderr)
         return 0
 
     # 4. export
@@ -364,13 +376,15 @@ def main(argv=None) -> int:
             "lambda_bit": args.lambda_bit, "macs_weighted": args.macs_weighted, "trajectory": args.trajectory,
             "q2b_steps": args.q2b_steps, "train_prompts": len(train_recs), "t2q": t2q_metrics,
             "heldout_fab_mean": float(fab.mean()), "heldout_fab_std": float(fab.std()),
-            "final_mse": float(metrics["mse"]) if metrics else None,
+            "final_mse": float(distributed.gather(metrics["mse"])) if metrics else None,
             "base_method": quant_info.get("method"), "minutes": round((time.time() - t0) / 60, 1),
             "model_fingerprint": fingerprint, "data": source.describe(),
             "quality_target": quality_description(args, source),
             "sampler": {"scheduler": args.scheduler, "steps": T, "guidance": args.guidance, "size": args.size}}
-    sel.save(args.out, info, quant_dir=args.quant)
-    print(json.dumps(info, indent=1))
+    if distributed.is_main():
+        sel.save(args.out, info, quant_dir=args.quant)
+        print(json.dumps(info, indent=1))
+    distributed.barrier("exported")
     return 0
 
 

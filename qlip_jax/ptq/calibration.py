@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlip_jax import distributed
 from qlip_jax.models.unet import UNet2DConditionModel, unet_registry
 from qlip_jax.naming import flax_to_torch_path, modules_by_name
 from qlip_jax.quant.codes import add_weight_codes, strip_weight_codes
@@ -123,18 +124,29 @@ def _tap(unet, collection: str):
     return run
 
 
-def activation_ranges(unet, params: dict, data: CalibrationData, batch_size: int = 32) -> dict:
+def _tapped_batches(tap, params: dict, data: CalibrationData, batch_size: int, mesh=None):
+    """``(tap(params, x, t, c), rows)`` for every batch of ``data``. With a mesh (:mod:`qlip_jax.distributed`)
+    each batch's rows are split over its batch shards, on every process's devices (the last row repeated
+    up to a multiple of them: ``rows`` are the real ones, first), and the UNet's params over ``fsdp``."""
+    if mesh is not None:
+        params = distributed.put_params(params, mesh)
+    for x, t, c in data.batches(batch_size):
+        yield tap(params, *([x, t, c] if mesh is None else distributed.put_rows([x, t, c], mesh))), len(x)
+
+
+def activation_ranges(unet, params: dict, data: CalibrationData, batch_size: int = 32, mesh=None) -> dict:
     """Min/max of every quantized layer's input over the calibration data.
 
     Returns the ``act_stats`` tree (one ``[2]`` array per recorded input) that
-    :func:`~qlip_jax.quant.registry.init_quant_state` reads.
+    :func:`~qlip_jax.quant.registry.init_quant_state` reads. With ``mesh`` the batches are split over
+    its devices and the min/max reduced across them (and across processes) by XLA; repeated padding
+    rows change no min or max.
     """
     stats = _tap(unet, "act_stats")
     total = None
-    for x, t, c in data.batches(batch_size):
-        s = stats(params, x, t, c)
+    for s, _ in _tapped_batches(stats, params, data, batch_size, mesh):
         total = s if total is None else _merge_ranges(total, s)
-    return total
+    return total if mesh is None else jax.tree.map(lambda a: jnp.asarray(distributed.gather(a)), total)
 
 
 def model_splits(pipe, context_shape: tuple[int, int]) -> dict[str, int]:
@@ -146,9 +158,10 @@ def model_splits(pipe, context_shape: tuple[int, int]) -> dict[str, int]:
 
 
 def minmax_state(unet, params: dict, registry: Registry, config: QuantConfig,
-                 data: CalibrationData, batch_size: int = 32, splits: dict[str, int] | None = None) -> dict:
+                 data: CalibrationData, batch_size: int = 32, splits: dict[str, int] | None = None,
+                 mesh=None) -> dict:
     """Min-max quantizer state: per-channel weight max, per-tensor activation range on ``data``."""
-    return init_quant_state(params, registry, config, activation_ranges(unet, params, data, batch_size),
+    return init_quant_state(params, registry, config, activation_ranges(unet, params, data, batch_size, mesh),
                             splits)
 
 
@@ -162,18 +175,18 @@ def calibrate_minmax(pipe, config: QuantConfig, prompts: list[str], seeds, guida
 # Clipping searches: percentile and MSE-optimal ranges
 
 
-def activation_samples(unet, params: dict, data: CalibrationData, batch_size: int = 32) -> dict:
+def activation_samples(unet, params: dict, data: CalibrationData, batch_size: int = 32, mesh=None) -> dict:
     """``{layer_name: {input_key: [N, n] values}}``: for each of the ``N`` calibration samples, ``n``
     activation values of every quantized layer's input(s) (a fixed-position uniform subsample per row,
-    see :data:`~qlip_jax.quant.layers.ACT_SAMPLES`); rows follow ``data``'s order."""
+    see :data:`~qlip_jax.quant.layers.ACT_SAMPLES`); rows follow ``data``'s order. With ``mesh`` the
+    batches run split over its devices and every process gathers all rows."""
     tap = _tap(unet, "act_samples")
     out: dict = {}
-    for x, t, c in data.batches(batch_size):
-        flat = jax.tree_util.tree_flatten_with_path(tap(params, x, t, c))[0]
-        for path, value in flat:
+    for tapped, rows in _tapped_batches(tap, params, data, batch_size, mesh):
+        for path, value in jax.tree_util.tree_flatten_with_path(tapped)[0]:
             keys = [p.key for p in path if hasattr(p, "key")]
             name, key = flax_to_torch_path(keys[:-1]), keys[-1]
-            out.setdefault(name, {}).setdefault(key, []).append(np.asarray(value))
+            out.setdefault(name, {}).setdefault(key, []).append(distributed.gather(value)[:rows])
     return {n: {k: np.concatenate(v) for k, v in d.items()} for n, d in out.items()}
 
 
@@ -276,16 +289,16 @@ def _act_entries(layer_samples: dict, kind: str, split: int, config: QuantConfig
 
 def clipped_state(unet, params: dict, registry: Registry, config: QuantConfig, data: CalibrationData,
                   method: str, batch_size: int = 32, splits: dict[str, int] | None = None,
-                  samples: dict | None = None) -> dict:
+                  samples: dict | None = None, mesh=None) -> dict:
     """Quantizer state whose ranges come from a clipping search (``percentile`` or ``mse``) per layer
     and per candidate bit width, on the calibration data; weights per output channel (MSE search for
     ``mse``, max |w| for ``percentile``). Layers in ``splits`` get split-concat quantizers.
-    ``samples``: :func:`activation_samples` of ``data`` if already computed."""
+    ``samples``: :func:`activation_samples` of ``data`` if already computed; ``mesh``: theirs."""
     if method not in ("percentile", "mse"):
         raise ValueError(f"unknown clipping method '{method}' (minmax, percentile, mse)")
     splits = splits or {}
     if samples is None:
-        samples = activation_samples(unet, params, data, batch_size)
+        samples = activation_samples(unet, params, data, batch_size, mesh)
     layers = modules_by_name(params)
     state = {}
     for info in registry.layers:
@@ -316,7 +329,7 @@ def nearest_rows(calibrated, num_steps: int) -> np.ndarray:
 
 def tdq_state(unet, params: dict, registry: Registry, config: QuantConfig, data: CalibrationData,
               num_steps: int, clip: str = "mse", batch_size: int = 32,
-              splits: dict[str, int] | None = None) -> dict:
+              splits: dict[str, int] | None = None, mesh=None) -> dict:
     """TDQ-style state: the ``clip`` state (``mse`` or ``percentile``) with every activation quantizer
     replaced by an ``[S = num_steps, K]`` table, row ``s`` clipped on the inputs of sampler step ``s``
     (``data.step_index == s``); rows of steps absent from the data copy the nearest calibrated one."""
@@ -325,7 +338,7 @@ def tdq_state(unet, params: dict, registry: Registry, config: QuantConfig, data:
         raise ValueError(f"calibration data has step indices {steps.min()}..{steps.max()} outside the "
                          f"sampler's 0..{num_steps - 1}")
     splits = splits or {}
-    samples = activation_samples(unet, params, data, batch_size)             # [N, n] per input
+    samples = activation_samples(unet, params, data, batch_size, mesh)       # [N, n] per input
     state = clipped_state(unet, params, registry, config, data, clip, batch_size, splits, samples)
     calibrated = sorted(set(int(s) for s in steps))
     per_step = {}
@@ -389,13 +402,15 @@ def calibrate(pipe, config: QuantConfig, data: CalibrationData, method: str = "m
     splits = model_splits(pipe, data.context.shape[1:]) if split_concat else {}
     info = {"method": method, "split_concat": bool(split_concat), **opts}
 
+    mesh = getattr(pipe, "mesh", None)  # the statistics passes split over the pipe's devices and processes
+
     def base(m, **kw):
         if m == "minmax":
-            return minmax_state(unet, params, registry, config, data, batch_size, splits)
+            return minmax_state(unet, params, registry, config, data, batch_size, splits, mesh)
         if m == "tdq":
             return tdq_state(unet, params, registry, config, data, pipe.num_steps, kw.get("clip", "mse"),
-                             batch_size, splits)
-        return clipped_state(unet, params, registry, config, data, m, batch_size, splits)
+                             batch_size, splits, mesh)
+        return clipped_state(unet, params, registry, config, data, m, batch_size, splits, mesh=mesh)
 
     if method == "qdiff":
         from qlip_jax.ptq.reconstruction import ReconOptions, reconstruct

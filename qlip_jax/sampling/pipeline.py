@@ -44,7 +44,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from qlip_jax import distributed
 from qlip_jax.errors import SEED_MAX, BadArgument
@@ -277,11 +277,7 @@ class Text2Image:
     def _place(self, args: list) -> list:
         """Batch arrays ``[B, ...]`` (or None) as the jitted loop takes them: with a mesh, padded to a
         multiple of its batch shards (the last row repeated) and split over them."""
-        if self.mesh is None:
-            return args
-        pad = -args[0].shape[0] % distributed.batch_shards(self.mesh)
-        shard = NamedSharding(self.mesh, distributed.batch_spec(self.mesh))
-        return [None if a is None else distributed.put(_pad_rows(a, pad), shard) for a in args]
+        return args if self.mesh is None else distributed.put_rows(args, self.mesh)
 
     def trajectory(self, emb: TextEmbeddings, seeds, guidance: float | np.ndarray = 7.5,
                    schedule: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +309,7 @@ class Text2Image:
         if self.mesh is not None:  # the UNet split on fsdp (if the mesh has it), the rest replicated
             unet = p.pop("unet")
             p = distributed.put(p, distributed.replicated(self.mesh))
-            p["unet"] = distributed.put(unet, distributed.param_shardings(unet, self.mesh))
+            p["unet"] = distributed.put_params(unet, self.mesh)
         return p
 
     def _run(self, args: list, guidance: jax.Array, keep_trajectory: bool = False):
@@ -380,10 +376,3 @@ class Text2Image:
         if self.decode_one_by_one:   # [B, ...] -> [B, 1, ...]: one image's VAE activations alive at a time
             return jax.lax.map(decode, z[:, None])[:, 0], traj
         return decode(z), traj
-
-
-def _pad_rows(a: jax.Array, pad: int) -> jax.Array:
-    """Repeat the last row ``pad`` times (batch divisible by the mesh)."""
-    if pad == 0:
-        return a
-    return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)

@@ -22,14 +22,16 @@ its share of the MACs instead (BitOPs-aware).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qlip_jax.memory import accumulate_value_and_grad, check_micro_batch
+from qlip_jax.memory import check_micro_batch, rows_value_and_grad
 from qlip_jax.sampling import correction
 from qlip_jax.quant.state import QuantArgs
 from qlip_jax.sampling.guidance import guided_output
@@ -73,9 +75,25 @@ def q2b_frozen(unet_params, quant, lambda_bit: float) -> dict:
             "lambda_bit": jnp.asarray(lambda_bit, jnp.float32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Q2BLoss:
+    """The Q2B loss split where the selector's parameters enter it.
+
+    ``probs_fn(params, q [B]) -> probs [B, T, L, 3]``; ``rows(probs, frozen, batch) -> (loss, metrics)``: the
+    rest (schedule, UNet passes, MSE, penalty), in which each row reads only its own probabilities.
+    Calling it, ``loss(params, frozen, batch)``, is the whole loss.
+    """
+
+    probs_fn: Callable
+    rows: Callable
+
+    def __call__(self, params, frozen, batch):
+        return self.rows(self.probs_fn(params, batch["q"]), frozen, batch)
+
+
 def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn: Callable,
-                  low: int, med: int, high: int):
-    """``loss(q2b_params, frozen, batch) -> (loss, metrics)`` for one batch of rows.
+                  low: int, med: int, high: int) -> Q2BLoss:
+    """``loss(q2b_params, frozen, batch) -> (loss, metrics)`` for one batch of rows (a :class:`Q2BLoss`).
 
     ``frozen`` is :func:`q2b_frozen` (UNet params, quantizer state, PTQD tables, ``lambda_bit``; only ``quant``'s static
     config, registry and whether it has a PTQD correction are read from ``quant`` here).
@@ -91,8 +109,7 @@ def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn:
     cfg, names = quant.config, quant.registry.names
     share = None if quant.ptqd is None else correction.mac_shares(quant.registry)
 
-    def loss_fn(params, frozen, batch):
-        probs = probs_fn(params, batch["q"])                                  # [B, T, L, 3]
+    def rows_loss(probs, frozen, batch):                                      # probs [B, T, L, 3]
         rows = jnp.arange(probs.shape[0])
         p_t = probs[rows, batch["step"]]                                      # [B, L, 3]
         mix = choice_to_candidates(ste_fn(p_t), low, med, high, cfg.num_quantized)  # [B, L, K]
@@ -109,22 +126,35 @@ def make_q2b_loss(unet, quant, probs_fn: Callable, ste_fn: Callable, penalty_fn:
         loss = mse + frozen["lambda_bit"] * pen
         return loss, {"loss": loss, "mse": mse, "penalty": pen}
 
-    return loss_fn
+    return Q2BLoss(probs_fn, rows_loss)
 
 
-def make_q2b_step(loss_fn: Callable, tx: optax.GradientTransformation, micro_batch: int | None = None):
+def make_q2b_step(loss: Q2BLoss, tx: optax.GradientTransformation, micro_batch: int | None = None,
+                  mesh: Mesh | None = None):
     """Jitted ``(params, opt, frozen, batch) -> (params, opt, metrics)``.
 
     ``frozen`` (:func:`q2b_frozen`) and ``batch`` are arguments of the compiled step. With
-    ``micro_batch`` (a divisor of the batch's rows) the gradient is accumulated over micro-batches of
+    ``micro_batch`` (a divisor of the batch's rows) the rows' part of the loss runs over micro-batches of
     that many rows (the loss is a mean over rows: the same step to float rounding).
+
+    The gradient is taken in two parts: each row's gradient with respect to its own probabilities
+    ``[B, T, L, 3]`` (rows split over the devices, no sum across rows), then those gathered on every device
+    of ``mesh`` and pulled back through ``probs_fn`` there. So the sum over rows runs in one fixed order
+    on each device, and the step is the same bit for bit whatever the processes and devices the rows
+    were split over (an all-reduce would sum in an order that depends on them; Adam turns such
+    differences of near-zero gradients into visible parameter differences).
     """
+    pin = (lambda x: x) if mesh is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec())))
 
     @jax.jit
     def step(params, opt, frozen, batch):
         n = check_micro_batch(batch["q"].shape[0], micro_batch, "Q2B batch")
-        (_, metrics), g = accumulate_value_and_grad(lambda p, b: loss_fn(p, frozen, b), params, batch, n,
+        q = pin(batch["q"])
+        probs, pull = jax.vjp(lambda p: loss.probs_fn(p, q), params)
+        (_, metrics), g_probs = rows_value_and_grad(lambda pr, b: loss.rows(pr, frozen, b), probs, batch, n,
                                                     has_aux=True)
+        g, = pull(pin(g_probs))
         updates, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, updates), opt, metrics
 
