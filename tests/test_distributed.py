@@ -109,6 +109,21 @@ def test_sample_refuses_a_bad_mesh_before_loading(mesh, problem, tmp_path):
     assert "model loaded" not in out.stderr and not (tmp_path / "g.png").exists()
 
 
+def test_train_selector_refuses_q2b_rows_that_do_not_split_before_loading(tmp_path):
+    """``--batch 3 --rows-per-prompt 1`` over 4 devices (no ``--mesh``: all on ``data``): one error line
+    naming the rows and the shards, before the model loads or ``--work`` is made."""
+    from qlip_jax.distributed import launch_local
+
+    (code, _, err), = launch_local([os.path.join(ROOT, "train", "train_selector.py"), "--quant", str(tmp_path),
+                                    "--work", str(tmp_path / "w"), "--out", str(tmp_path / "s"), "--batch", "3",
+                                    "--rows-per-prompt", "1"], 1, 4, timeout=300,
+                                   env={"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "(Q2B rows) is 3, which does not split over the mesh's 4 batch shards" in lines[0], lines[0]
+    assert not (tmp_path / "w").exists()
+
+
 def _pretrain(tmp_path, name, mesh, processes, devices, *extra):
     work = tmp_path / name
     argv = ["train/pretrain.py", "--work", str(work / "work"), "--out", str(work / "out"), "--preset", "tiny",
