@@ -1,0 +1,80 @@
+"""qlip_jax.selector.static.allocate: the static mixed-precision allocation (issue #42, item 1b) is the
+brute-force optimum on small hand-built problems and never exceeds its budget."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qlip_jax.selector.static import allocate
+
+
+def _brute_force(errors, costs, budget):
+    T, L, K = errors.shape
+    costs = np.broadcast_to(costs, errors.shape)
+    best = (np.inf, None)
+    for flat in itertools.product(range(K), repeat=T * L):
+        ch = np.asarray(flat).reshape(T, L)
+        t, l = np.indices((T, L))
+        if costs[t, l, ch].sum() <= budget:
+            best = min(best, (errors[t, l, ch].sum(), flat), key=lambda x: x[0])
+    return best[0]
+
+
+def test_three_layers_hand_built():
+    """Three layers, one step, candidates (A6, A8, A10) with BitOPs-like costs MACs x 4 x bits: the big
+    layer's error is the largest but dear to remove (A10 costs 128 more than A6); with 40 to spend, the
+    optimum is the mid layer at A10 (32) and the small one at A8 (8): error 3.3, against 3.5 for the
+    small one at A10 and the mid one at A8 (32)."""
+    macs = np.asarray([8.0, 2.0, 1.0])
+    costs = macs[:, None] * 4 * np.asarray([6.0, 8.0, 10.0])[None, :]          # [L, K]
+    errors = np.asarray([[[3.0, 1.0, 0.0],        # big layer: 3 -> 0 costs 8 x 4 x 4 = 128 more
+                          [2.0, 0.5, 0.1],        # mid
+                          [4.0, 0.2, 0.0]]])      # small and sensitive
+    budget = costs[:, 0].sum() + 40                                              # 40 units over all-A6
+    got = allocate(errors, costs, budget)
+    assert got.exact and got.cost <= budget
+    assert got.error == _brute_force(errors, costs, budget)
+    np.testing.assert_array_equal(got.choice, [[0, 2, 1]])
+    assert got.error == pytest.approx(3.0 + 0.1 + 0.2) and got.cost == budget
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_small_problems_equal_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    T, L, K = 2, 3, 3
+    costs = rng.integers(1, 9, (L, K)).astype(float)
+    errors = rng.random((T, L, K))
+    cheapest, dearest = T * costs.min(axis=1).sum(), T * costs.max(axis=1).sum()
+    budget = float(rng.integers(int(cheapest), int(dearest) + 1))
+    got = allocate(errors, costs, budget)
+    t, l = np.indices((T, L))
+    assert got.exact and got.cost <= budget
+    assert got.cost == np.broadcast_to(costs, errors.shape)[t, l, got.choice].sum()
+    assert got.error == pytest.approx(_brute_force(errors, costs, budget), abs=1e-12)
+
+
+def test_non_integer_costs_never_exceed_the_budget_and_use_most_of_it():
+    """Costs off any grid (rounded to units): the budget always holds, at most 1% of what the budget allows
+    above the cheapest schedule stays unused, and more budget never gives more error."""
+    rng = np.random.default_rng(0)
+    T, L, K = 25, 40, 3
+    macs = rng.uniform(1e5, 1e7, L)
+    costs = macs[:, None] * 4 * np.asarray([6.0, 8.0, 10.0]) * rng.uniform(0.99, 1.01, (L, 1))
+    errors = np.sort(rng.random((T, L, K)), axis=-1)[..., ::-1] * macs[None, :, None]   # more bits, less error
+    lo, hi = T * costs[:, 0].sum(), T * costs[:, 2].sum()
+    previous = np.inf
+    for frac in (0.1, 0.5, 0.9):
+        budget = lo + frac * (hi - lo)
+        got = allocate(errors, costs, budget)
+        assert not got.exact and got.cost <= budget
+        assert budget - got.cost <= 0.01 * (budget - lo), (budget, got.cost)
+        assert got.error <= previous
+        previous = got.error
+    top = allocate(errors, costs, hi)
+    assert top.cost <= hi and top.error <= errors[..., 2].sum() * 1.01
+
+
+def test_a_budget_below_the_cheapest_schedule_is_refused():
+    with pytest.raises(ValueError, match="below the cheapest schedule"):
+        allocate(np.zeros((1, 2, 3)), np.ones((2, 3)), 1.5)
