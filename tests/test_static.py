@@ -78,3 +78,56 @@ def test_non_integer_costs_never_exceed_the_budget_and_use_most_of_it():
 def test_a_budget_below_the_cheapest_schedule_is_refused():
     with pytest.raises(ValueError, match="below the cheapest schedule"):
         allocate(np.zeros((1, 2, 3)), np.ones((2, 3)), 1.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_errors(calib):
+    """The tiny SD's min-max W4A{4,6,8} quantizer on the calibration data of the ``calib`` fixture (4 DDIM
+    steps, 2 prompts x 2 guidance halves per step) and its ``[T, L, K]`` layer-step errors."""
+    from qlip_jax.ptq.calibration import calibrate
+    from qlip_jax.quant.state import QuantConfig
+    from qlip_jax.selector.static import layer_step_errors
+
+    pipe, data = calib
+    quant = calibrate(pipe, QuantConfig((4, 6, 8), 4), data, "minmax")
+    return pipe, data, quant, layer_step_errors(pipe.unet, pipe.sd.params["unet"], quant, data, pipe.num_steps)
+
+
+def test_layer_step_errors_are_single_layer_quantization_errors(tiny_errors):
+    """Entries equal a direct UNet call with only that layer at that width (checks the batching of
+    (layer, width) pairs); lower widths do more damage on average; no entry is zero."""
+    import jax.numpy as jnp
+
+    from qlip_jax.quant.state import QuantArgs
+
+    pipe, data, quant, errors = tiny_errors
+    T, L, K = errors.shape
+    assert (T, L, K) == (pipe.num_steps, len(quant.registry), 3)
+    assert np.all(np.isfinite(errors)) and np.all(errors > 0)
+    means = errors.mean(axis=(0, 1))
+    assert means[0] > means[1] > means[2], means
+    cfg, params = quant.config, pipe.sd.params["unet"]
+    for t, l, k in [(0, 0, 0), (T - 1, L - 1, 2), (1, L // 2, 1)]:
+        rows = np.flatnonzero(data.step_index == t)
+        x, ts, c = data.latents[rows], data.timesteps[rows], data.context[rows]
+        idx = np.full((len(rows), L), cfg.fp_index, np.int32)
+        idx[:, l] = k
+        q = QuantArgs.from_indices(quant.state, jnp.asarray(idx), quant.registry.names, cfg, step=t)
+        out = np.asarray(pipe.unet.apply({"params": params}, x, ts, c, q), np.float64)
+        ref = np.asarray(pipe.unet.apply({"params": params}, x, ts, c), np.float64)
+        assert errors[t, l, k] == pytest.approx(np.mean((out - ref) ** 2), rel=1e-4), (t, l, k)
+
+
+def test_static_schedule_meets_the_budget_and_beats_uniform(tiny_errors):
+    """W4A6's budget: BitOPs within [99%, 100%] of uniform W4A6's, and a summed error no larger than
+    uniform W4A6's (a feasible schedule of that budget), with some layer-steps below and some above A6."""
+    from qlip_jax.selector.static import candidate_bitops, static_schedule
+
+    _, _, quant, errors = tiny_errors
+    got = static_schedule(errors, quant, 6)
+    budget = errors.shape[0] * candidate_bitops(quant)[:, 1].sum()
+    assert 0.99 * budget <= got.cost <= budget
+    t, l = np.indices(got.choice.shape)
+    assert got.error == pytest.approx(errors[t, l, got.choice].sum())
+    assert got.error <= errors[..., 1].sum()
+    assert (got.choice == 0).any() and (got.choice == 2).any()

@@ -143,12 +143,18 @@ def bitops(schedule: jax.Array, registry: Registry, config: QuantConfig,
     Returns:
       float ``[B]`` (or scalar) BitOPs.
     """
+    per_layer = layer_bitops(schedule, registry, config)
+    axes = tuple(range(1 if schedule.ndim == 3 else 0, schedule.ndim))
+    return jnp.sum(per_layer, axis=axes) * evaluations_per_step
+
+
+def layer_bitops(schedule: jax.Array, registry: Registry, config: QuantConfig) -> jax.Array:
+    """BitOPs of each layer of one UNet evaluation under ``schedule`` (``[..., L]`` candidate indices) ->
+    ``[..., L]``: ``MACs x a_bits x w_bits`` (``a_bits x a_bits`` for an attention matmul); see :func:`bitops`."""
     a_bits, w_bits = schedule_bits(schedule, config)
     is_matmul = jnp.asarray([l.kind == "matmul" for l in registry.layers])
     second = jnp.where(is_matmul, a_bits, w_bits)
-    per_layer = jnp.asarray(registry.macs(), jnp.float32) * a_bits * second
-    axes = tuple(range(1 if schedule.ndim == 3 else 0, schedule.ndim))
-    return jnp.sum(per_layer, axis=axes) * evaluations_per_step
+    return jnp.asarray(registry.macs(), jnp.float32) * a_bits * second
 
 
 def average_act_bits(schedule: jax.Array, config: QuantConfig, registry: Registry | None = None,

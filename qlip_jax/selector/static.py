@@ -1,6 +1,11 @@
 """Static mixed precision (issue #42, item 1b): one ``[T, L]`` schedule shared by every prompt, allocated
 from per-layer, per-step sensitivities under a cost budget, as MixDQ does.
 
+* :func:`layer_step_errors`: ``[T, L, K]``, the UNet output's mean squared error against float when only
+  layer ``l`` runs at candidate ``k`` on the calibration inputs of step ``t`` (every other layer float).
+* :func:`allocate`: the schedule of least summed error under a budget (below).
+* :func:`static_schedule`: both with BitOPs costs and the budget of a uniform width (e.g. W4A8's).
+
 The problem is a multiple-choice knapsack. Every (step, layer) pair is a group that takes exactly one of
 ``K`` candidates; candidate ``k`` of group ``(t, l)`` costs ``costs[t, l, k]`` (e.g. BitOPs: MACs x weight
 bits x activation bits) and adds ``errors[t, l, k]`` (e.g. the output error measured when only that layer
@@ -21,7 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from qlip_jax.ptq.calibration import CalibrationData, nearest_rows
+from qlip_jax.quant.registry import layer_bitops
+from qlip_jax.quant.state import QuantArgs, QuantSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,3 +116,66 @@ def _knapsack(e: np.ndarray, units: np.ndarray, cap: int) -> np.ndarray:
         choice[i] = picks[i, b]
         b -= units[i, choice[i]]
     return choice
+
+
+def layer_step_errors(unet, unet_params, quant: QuantSetup, data: CalibrationData, num_steps: int,
+                      rows_per_call: int = 64) -> np.ndarray:
+    """``[T, L, K]`` float64: for sampler step ``t``, layer ``l`` (registry order) and quantized candidate
+    ``k``, the mean squared difference between the UNet's output with only that layer at that candidate
+    (every other layer float) and the float output, over the calibration inputs of step ``t``
+    (``data.step_index == t``, both guidance halves). Steps without calibration inputs copy the nearest
+    calibrated step. Every (layer, candidate) pair is one row of the batch (the bit widths are traced per
+    row), ``rows_per_call`` rows per UNet call: one compiled program. Params and the quantizer state
+    are arguments of it.
+    """
+    cfg, names = quant.config, quant.registry.names
+    L, K = len(names), cfg.num_quantized
+    pairs = np.full((L * K, L), cfg.fp_index, np.int32)                      # row l*K + k: layer l at k
+    pairs[np.arange(L * K), np.repeat(np.arange(L), K)] = np.tile(np.arange(K), L)
+
+    @jax.jit
+    def reference(params, x, t, c):
+        return unet.apply({"params": params}, x, t, c).astype(jnp.float32)
+
+    @jax.jit
+    def errors_of(params, state, x, t, c, step, idx, ref):                   # rows: pairs x inputs
+        q = QuantArgs.from_indices(state, idx, names, cfg, step=step)
+        out = unet.apply({"params": params}, x, t, c, q).astype(jnp.float32)
+        return jnp.mean((out - ref) ** 2, axis=(1, 2, 3))
+
+    calibrated = sorted(set(int(s) for s in data.step_index))
+    per_step = {}
+    for s in calibrated:
+        rows = np.flatnonzero(data.step_index == s)
+        x, t, c = data.latents[rows], data.timesteps[rows], data.context[rows]
+        n = len(rows)
+        ref = reference(unet_params, x, t, c)
+        per = max(1, rows_per_call // n)                                     # pairs per call
+        tile = lambda a: jnp.asarray(np.tile(a, (per,) + (1,) * (a.ndim - 1)))  # noqa: E731
+        x_p, t_p, c_p, ref_p = tile(x), tile(t), tile(c), jnp.tile(ref, (per, 1, 1, 1))
+        step = jnp.full((per * n,), s, jnp.int32)
+        out = []
+        for i in range(0, L * K, per):
+            chunk = pairs[i:i + per]
+            m = len(chunk)
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], per - m, axis=0)])   # one shape: one compile
+            err = errors_of(unet_params, quant.state, x_p, t_p, c_p, step, jnp.asarray(np.repeat(chunk, n, 0)),
+                            ref_p)
+            out.append(np.asarray(err, np.float64).reshape(per, n).mean(axis=1)[:m])
+        per_step[s] = np.concatenate(out).reshape(L, K)
+    return np.stack([per_step[int(r)] for r in nearest_rows(calibrated, num_steps)])
+
+
+def candidate_bitops(quant: QuantSetup) -> np.ndarray:
+    """``[L, K]`` BitOPs of one UNet evaluation of each layer at each quantized candidate."""
+    K = quant.config.num_quantized
+    idx = np.broadcast_to(np.arange(K)[:, None], (K, len(quant.registry)))
+    return np.asarray(layer_bitops(idx, quant.registry, quant.config), np.float64).T
+
+
+def static_schedule(errors: np.ndarray, quant: QuantSetup, budget_act_bits: int, **kw) -> Allocation:
+    """The :func:`allocate` schedule for ``errors [T, L, K]`` whose BitOPs are at most those of the uniform
+    schedule at ``budget_act_bits`` (a quantized candidate, e.g. 8 for W4A8's budget)."""
+    costs = candidate_bitops(quant)
+    k = quant.config.index_of(budget_act_bits)   # raises unless a quantized candidate
+    return allocate(errors, costs, errors.shape[0] * costs[:, k].sum(), **kw)
