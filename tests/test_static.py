@@ -1,10 +1,14 @@
-"""qlip_jax.selector.static.allocate: the static mixed-precision allocation (issue #42, item 1b) is the
-brute-force optimum on small hand-built problems and never exceeds its budget."""
+"""Static mixed precision (issue #42, item 1b): ``allocate`` is the brute-force optimum on small hand-built
+problems and never exceeds its budget; the layer-step sensitivities on the tiny SD are single-layer
+quantization errors; the schedule meets a uniform width's BitOPs budget; train/static_schedule.py writes
+a schedule file the sampler's loader reads."""
 
 import itertools
 
 import numpy as np
 import pytest
+
+from tiny_qlip import tiny_quant_dir  # noqa: F401  (fixture)
 
 from qlip_jax.selector.static import allocate
 
@@ -131,3 +135,35 @@ def test_static_schedule_meets_the_budget_and_beats_uniform(tiny_errors):
     assert got.error == pytest.approx(errors[t, l, got.choice].sum())
     assert got.error <= errors[..., 1].sum()
     assert (got.choice == 0).any() and (got.choice == 2).any()
+
+
+@pytest.mark.slow  # a whole program end to end
+def test_static_schedule_program_writes_a_schedule_the_sampler_reads(tiny_sd_dir, tiny_quant_dir, tmp_path, capsys):
+    """``train/static_schedule.py`` on a tiny SD folder and a caption file: the schedule JSON loads for the
+    quantizer's registry, is the allocation of the saved sensitivities under uniform W4A6's BitOPs, and the
+    printed summary says so."""
+    import json
+    import os
+    import sys
+
+    from qlip_jax.ptq.persist import load_quant_setup, read_quant_info
+    from qlip_jax.selector.schedule_io import load_schedule_json
+    from qlip_jax.selector.static import static_schedule
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+    import static_schedule as program
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"a {c} {t}" for c in ("red", "blue", "green") for t in ("star", "cat", "box")) + "\n")
+    out = tmp_path / "static" / "w4a6.json"
+    capsys.readouterr()
+    assert program.main(["--model", tiny_sd_dir, "--quant", tiny_quant_dir, "--prompts", str(captions),
+                         "--calib-prompts", "2", "--steps", "3", "--budget", "6", "--out", str(out), "--no-cache"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    quant, _ = load_quant_setup(tiny_quant_dir, read_quant_info(tiny_quant_dir)["model_fingerprint"])
+    schedule, _ = load_schedule_json(str(out), quant.registry, quant.config, 3)
+    errors = np.load(str(out) + ".errors.npy")
+    assert errors.shape == (3, len(quant.registry), 3) and np.all(errors > 0)
+    np.testing.assert_array_equal(schedule, static_schedule(errors, quant, 6).choice)
+    assert 0.99 <= summary["bitops_vs_budget"] <= 1.0 and summary["error_sum"] <= summary["uniform_error_sum"]
+    assert summary["budget"] == "W4A6" and sum(summary["share_per_width"].values()) == pytest.approx(1.0)
