@@ -9,8 +9,11 @@ For a preset or a diffusers model (``--config``: a ``unet/config.json`` whose si
 trajectories, a reconstruction step, T2Q labelling trajectories, a Q2B step, a pretraining step) is
 lowered on abstract arguments (``jax.eval_shape``: nothing is materialised) and compiled for the default
 backend; ``compiled.memory_analysis()`` gives arguments, outputs and temporaries. ``peak`` is
-``arguments + outputs + temporaries - aliased``. With ``--memory-budget`` each program's micro-batch is
-the largest divisor of its batch whose peak fits (as the programs' ``--memory-budget`` picks it).
+``arguments + outputs + temporaries - aliased``. Each program runs at the micro-batch the programs use
+by default (:meth:`qlip_jax.programs.ProgramSettings.micro_for`: the whole batch, or for SD-size UNets
+:data:`qlip_jax.programs.SD_MICRO_BATCH`), or at ``--micro-batch PROGRAM=N``; with ``--memory-budget``
+each program's micro-batch is the largest divisor of its batch whose peak fits (as the programs'
+``--memory-budget`` picks it).
 """
 
 from __future__ import annotations

@@ -50,9 +50,11 @@ PROGRAMS = ("sampling", "calibration", "reconstruction", "t2q-labels", "q2b", "p
 
 #: Default micro-batch (rows at a time) of the programs that differentiate through an SD-size UNet (at
 #: least :data:`~qlip_jax.models.unet.REMAT_CHANNELS` channels, as remat): reconstruction samples (x K
-#: candidates), Q2B rows, pretraining latents. Chosen from ``benchmarks/memory.py`` on SD v1.4 at 512x512
-#: in bfloat16 (docs/memory.md); smaller UNets (the embedded model, the presets) run the whole batch.
-SD_MICRO_BATCH = {"reconstruction": 1, "q2b": 4, "pretraining": 8}
+#: candidates), Q2B rows, pretraining latents. Measured with ``benchmarks/memory.py`` on SD v1.4 at 512x512
+#: in bfloat16 (docs/memory.md): Q2B fits 30 GiB at 1 row (not at 2), pretraining at 1 latent (not at 2);
+#: reconstruction needs more than 30 GiB even at 1 sample, its smallest. Smaller UNets (the embedded model,
+#: the presets) run the whole batch.
+SD_MICRO_BATCH = {"reconstruction": 1, "q2b": 1, "pretraining": 1}
 
 
 def default_micro_batch(program: str, unet_config: UNetConfig, rows: int) -> int:
