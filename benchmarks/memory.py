@@ -9,8 +9,11 @@ For a preset or a diffusers model (``--config``: a ``unet/config.json`` whose si
 trajectories, a reconstruction step, T2Q labelling trajectories, a Q2B step, a pretraining step) is
 lowered on abstract arguments (``jax.eval_shape``: nothing is materialised) and compiled for the default
 backend; ``compiled.memory_analysis()`` gives arguments, outputs and temporaries. ``peak`` is
-``arguments + outputs + temporaries - aliased``. With ``--memory-budget`` each program's micro-batch is
-the largest divisor of its batch whose peak fits (as the programs' ``--memory-budget`` picks it).
+``arguments + outputs + temporaries - aliased``. Each program runs at the micro-batch the programs use
+by default (:meth:`qlip_jax.programs.ProgramSettings.micro_for`: the whole batch, or for SD-size UNets
+:data:`qlip_jax.programs.SD_MICRO_BATCH`), or at ``--micro-batch PROGRAM=N``; with ``--memory-budget``
+each program's micro-batch is the largest divisor of its batch whose peak fits (as the programs'
+``--memory-budget`` picks it).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def measure(configs, settings: ProgramSettings, programs=PROGRAMS, budget_gib: f
         if budget_gib is not None:
             mb, _ = choose_micro_batch(compile_at, n, budget_gib)
         else:
-            mb = settings.micro(name) or n
+            mb = settings.micro_for(name, configs.unet)
             check_micro_batch(n, mb, f"{name} batch")
         compiled = compile_at(mb)
         m = compiled.memory_analysis()
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     p.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                    help="choose each program's micro-batch to fit this budget")
+    p.add_argument("--micro-batch", nargs="+", default=[], metavar="PROGRAM=N",
+                   help="a program's micro-batch (default: the programs' own default for the model)")
     p.add_argument("--attention-chunk", type=int, default=None,
                    help="query chunk of attention (default: the model's memory default; 0: full)")
     p.add_argument("--remat", default=None, help="remat policy of trained UNets ('' off; default: by size)")
@@ -109,6 +114,11 @@ def main(argv=None) -> int:
     configs = load_configs(args.preset, args.config)
     settings = ProgramSettings(size=args.size, dtype=args.dtype, attention_chunk=args.attention_chunk,
                                remat=args.remat)
+    for item in args.micro_batch:
+        name, _, n = item.partition("=")
+        if name not in PROGRAMS or not n.isdigit():
+            p.error(f"--micro-batch {item}: expected PROGRAM=N with PROGRAM one of {PROGRAMS}")
+        settings = settings.with_micro(name, int(n))
     print(f"# {args.config or args.preset or 'mini-sd'}, {args.dtype}, backend {jax.default_backend()}, "
           f"size {args.size or 'native'}, load average {os.getloadavg()[0]:.1f}", flush=True)
     print(HEADER, flush=True)

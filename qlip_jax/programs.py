@@ -31,7 +31,9 @@ import optax
 
 from qlip_jax.models.clip import CLIPTextModel, abstract_text_params
 from qlip_jax.models.sd import SDConfigs, StableDiffusion
-from qlip_jax.models.unet import UNet2DConditionModel, abstract_unet_params, default_remat, unet_registry
+from qlip_jax.models.configs import UNetConfig
+from qlip_jax.models.unet import (REMAT_CHANNELS, UNet2DConditionModel, abstract_unet_params, default_remat,
+                                  unet_registry)
 from qlip_jax.models.vae import abstract_vae_params
 from qlip_jax.naming import modules_by_name
 from qlip_jax.quant.codes import CODE_KEY
@@ -46,13 +48,32 @@ from qlip_jax.training.diffusion import make_diffusion_step
 S = jax.ShapeDtypeStruct
 PROGRAMS = ("sampling", "calibration", "reconstruction", "t2q-labels", "q2b", "pretraining")
 
+#: Default micro-batch (rows at a time) of the programs that differentiate through an SD-size UNet (at
+#: least :data:`~qlip_jax.models.unet.REMAT_CHANNELS` channels, as remat): reconstruction samples (x K
+#: candidates), Q2B rows, pretraining latents. Measured with ``benchmarks/memory.py`` on SD v1.4 at 512x512
+#: in bfloat16 (docs/memory.md): Q2B fits 30 GiB at 1 row (not at 2), pretraining at 1 latent (not at 2);
+#: reconstruction needs more than 30 GiB even at 1 sample, its smallest. Smaller UNets (the embedded model,
+#: the presets) run the whole batch.
+SD_MICRO_BATCH = {"reconstruction": 1, "q2b": 1, "pretraining": 1}
+
+
+def default_micro_batch(program: str, unet_config: UNetConfig, rows: int) -> int:
+    """The micro-batch ``program`` uses unless told otherwise: for UNets with at least
+    :data:`~qlip_jax.models.unet.REMAT_CHANNELS` channels the largest divisor of ``rows`` not above
+    :data:`SD_MICRO_BATCH`'s entry, else (and for programs without an entry) 0: the whole batch."""
+    cap = SD_MICRO_BATCH.get(program)
+    if cap is None or max(unet_config.block_out_channels) < REMAT_CHANNELS or rows <= cap:
+        return 0
+    return max(d for d in range(1, cap + 1) if rows % d == 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSettings:
     """The programs' default sizes (their command-line defaults) and the memory options.
 
     ``size``: image side in pixels (None: the model's native ``sample_size x VAE factor``).
-    ``micro_batch``: ``{program: rows per micro-batch}`` (absent: the whole batch at once).
+    ``micro_batch``: ``{program: rows per micro-batch}`` (absent: :func:`default_micro_batch`, see
+    :meth:`micro_for`; :func:`program_steps` itself builds exactly what is given).
     ``attention_chunk``, ``remat``: the UNet's memory options (None: the model's defaults,
     :func:`~qlip_jax.models.unet.default_attention_chunk`, :func:`~qlip_jax.models.unet.default_remat`).
     """
@@ -75,6 +96,12 @@ class ProgramSettings:
 
     def micro(self, program: str) -> int | None:
         return dict(self.micro_batch).get(program)
+
+    def micro_for(self, program: str, unet_config: UNetConfig) -> int:
+        """The micro-batch ``program`` runs at: the one given, else :func:`default_micro_batch`, else the
+        whole batch (:func:`rows_of`)."""
+        rows = rows_of(program, self)
+        return self.micro(program) or default_micro_batch(program, unet_config, rows) or rows
 
     def with_micro(self, program: str, micro_batch: int | None) -> "ProgramSettings":
         d = {k: v for k, v in self.micro_batch if k != program}
@@ -194,7 +221,9 @@ def add_memory_arguments(parser, micro_help: str) -> None:
     g = parser.add_argument_group("memory")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the UNet (params, optimizer state and scheduler stay float32)")
-    g.add_argument("--micro-batch", type=int, default=0, metavar="N", help=micro_help + " (0: whole batch)")
+    g.add_argument("--micro-batch", type=int, default=0, metavar="N",
+                   help=micro_help + " (0: the default, the whole batch except for SD-size UNets, whose "
+                        "reconstruction, Q2B and pretraining steps run in micro-batches; N >= the batch: whole)")
     g.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                    help="pick the largest micro-batch whose compiled step fits (XLA memory analysis); "
                         "overrides --micro-batch")
@@ -210,14 +239,21 @@ def settings_from_args(args, **sizes) -> ProgramSettings:
 
 
 def micro_batch_for(args, configs: SDConfigs, program: str, settings: ProgramSettings, log=print) -> int:
-    """The micro-batch of ``program``: ``--micro-batch``, or with ``--memory-budget`` the largest divisor of
-    its batch whose compiled step (abstract params) fits, printed with its peak."""
+    """The micro-batch of ``program``: with ``--memory-budget`` the largest divisor of its batch whose
+    compiled step (abstract params) fits, printed with its peak; else ``--micro-batch``; else
+    :func:`default_micro_batch` of the model (printed when it splits the batch); else the whole batch."""
     from qlip_jax.memory import GIB, check_micro_batch, choose_micro_batch
 
     rows = rows_of(program, settings)
     if args.memory_budget is None:
-        check_micro_batch(rows, args.micro_batch, f"{program} batch")
-        return min(args.micro_batch, rows) if args.micro_batch else rows
+        if args.micro_batch:
+            check_micro_batch(rows, args.micro_batch, f"{program} batch")
+            return min(args.micro_batch, rows)
+        mb = default_micro_batch(program, configs.unet, rows)
+        if mb:
+            log(f"[memory] {program}: micro-batch {mb} of {rows} (default for UNets with >= {REMAT_CHANNELS} "
+                "channels; --micro-batch or --memory-budget to change)")
+        return mb or rows
 
     def compile_at(mb):
         fn, fargs = program_steps(configs, settings.with_micro(program, mb), (program,))[program]

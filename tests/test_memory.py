@@ -238,3 +238,58 @@ def test_memory_budget_picks_a_micro_batch_that_fits(tmp_path):
     assert 1 <= mb < 8
     fn, fargs = program_steps(configs, settings.with_micro("pretraining", mb), ("pretraining",))["pretraining"]
     assert peak_bytes(fn.lower(*fargs).compile()) <= budget * GIB
+
+
+def test_default_micro_batch_only_for_sd_size_unets(monkeypatch):
+    """The default micro-batches (no compile: the rule alone) split the reconstruction, Q2B and pretraining
+    batches of the SD v1.4 UNet (tests/data/sd-v1-4, 1280 channels) and nothing for any preset (the
+    embedded mini-sd model included); ``--micro-batch`` overrides the default, and ``--micro-batch`` of the
+    whole batch runs it whole."""
+    import argparse
+    import pathlib
+
+    from qlip_jax.models import io
+    from qlip_jax.models.presets import PRESETS
+    from qlip_jax.programs import PROGRAMS, SD_MICRO_BATCH, default_micro_batch, micro_batch_for, rows_of
+
+    root = pathlib.Path(__file__).parent / "data" / "sd-v1-4"
+    sd = configs_from_dicts({"unet": io.read_json(root / "unet" / "config.json"),
+                             "vae": io.read_json(root / "vae" / "config.json"),
+                             "text_encoder": io.read_json(root / "text_encoder" / "config.json"),
+                             "scheduler": io.read_json(root / "scheduler" / "scheduler_config.json")})
+    assert max(sd.unet.block_out_channels) == 1280
+    s = ProgramSettings()
+    assert [rows_of(p, s) for p in PROGRAMS] == [8, 32, 8, 32, 32, 64]
+    want = {"sampling": 0, "calibration": 0, "reconstruction": 1, "t2q-labels": 0, "q2b": 1, "pretraining": 1}
+    assert {p: default_micro_batch(p, sd.unet, rows_of(p, s)) for p in PROGRAMS} == want
+    assert {p: s.micro_for(p, sd.unet) for p in PROGRAMS} == {
+        "sampling": 8, "calibration": 32, "reconstruction": 1, "t2q-labels": 32, "q2b": 1, "pretraining": 1}
+    # one row is already a whole batch of one; a cap the batch does not divide: the largest divisor below it
+    assert default_micro_batch("q2b", sd.unet, 1) == 0
+    monkeypatch.setitem(SD_MICRO_BATCH, "q2b", 4)
+    assert [default_micro_batch("q2b", sd.unet, r) for r in (32, 6, 3)] == [4, 3, 0]
+    monkeypatch.undo()
+    for name in PRESETS:
+        unet = configs_from_dicts(preset(name)).unet
+        assert max(unet.block_out_channels) < 512, name
+        assert all(default_micro_batch(p, unet, rows_of(p, s)) == 0 for p in PROGRAMS), name
+        assert all(s.micro_for(p, unet) == rows_of(p, s) for p in PROGRAMS), name
+
+    said = []
+
+    def pick(configs, program, micro_batch):
+        args = argparse.Namespace(memory_budget=None, micro_batch=micro_batch)
+        return micro_batch_for(args, configs, program, s, log=said.append)
+
+    assert [pick(sd, p, 0) for p in ("reconstruction", "q2b", "pretraining", "calibration")] == [1, 1, 1, 32]
+    assert len(said) == 3 and said[0].startswith("[memory] reconstruction: micro-batch 1 of 8 (default"), said
+    said.clear()
+    assert [pick(sd, p, 2) for p in ("reconstruction", "q2b", "pretraining")] == [2, 2, 2]
+    assert [pick(sd, p, 64) for p in ("reconstruction", "q2b", "pretraining")] == [8, 32, 64]
+    assert s.with_micro("q2b", 8).micro_for("q2b", sd.unet) == 8
+    assert s.with_micro("pretraining", 64).micro_for("pretraining", sd.unet) == 64
+    tiny = configs_from_dicts(preset("tiny"))
+    assert [pick(tiny, p, 0) for p in ("reconstruction", "q2b", "pretraining")] == [8, 32, 64]
+    assert said == []
+    with pytest.raises(ValueError, match="divisor"):
+        pick(sd, "reconstruction", 3)
