@@ -109,6 +109,8 @@ CASES = [
     ("calibrate-seed", "train.calibrate", ["--out", "{tmp}/q", "--seed", "4294967290"], r"--seed must be between 0 and 4294967264"),
     ("selector-quant-missing", "train.train_selector", ["--work", "{tmp}/w", "--out", "{tmp}/s", "--quant", "{tmp}/noq"], r"--quant folder not found"),
     ("selector-lambda", "train.train_selector", ["--work", "{tmp}/w", "--out", "{tmp}/s", "--quant", "{tmp}", "--lambda-bit", "-1"], r"--lambda-bit must be >= 0.0"),
+    ("static-quant-missing", "train.static_schedule", ["--out", "{tmp}/s.json", "--budget", "8", "--quant", "{tmp}/noq"], r"--quant folder not found"),
+    ("static-calib-prompts", "train.static_schedule", ["--out", "{tmp}/s.json", "--budget", "8", "--quant", "{tmp}", "--calib-prompts", "0"], r"--calib-prompts must be >= 1, got 0"),
     ("parser-lr", "train.train_parser", ["--out", "{tmp}/p", "--lr", "inf"], r"--lr must be a finite number"),
     # eval/ and benchmarks/
     ("ptq-setting", "eval.ptq_report", ["--out", "{tmp}/r", "--settings", "W4A8", "4bit"], r"a setting looks like W4A8, got '4bit'"),
