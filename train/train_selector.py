@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     params, opt = state["params"], state["opt"]
     frozen = q2b_frozen(sd.params["unet"], quant, args.lambda_bit)
     unet = frozen.pop("unet")  # split on fsdp (if the mesh has it), the rest replicated
-    frozen = {**distributed.put(frozen, repl), "unet": distributed.put(unet, distributed.param_shardings(unet, q2b_mesh))}
+    frozen = {**distributed.put(frozen, repl), "unet": distributed.put_params(unet, q2b_mesh)}
     for it in bar:
         rng = np.random.default_rng([args.seed, it, 0x5E1])
         ids = rng.choice(len(train_recs), args.batch, replace=False)
